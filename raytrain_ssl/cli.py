@@ -1,0 +1,122 @@
+"""`raytrain-ssl`: one command, one subcommand per stage.
+
+Configuration errors are caught before Ray starts and printed as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from raytrain_ssl.config import ConfigError, PretrainConfig, config_to_yaml, describe_options, load_config
+
+EPILOG_OVERRIDES = "Overrides are key=value with dotted keys, e.g. train.epochs=5 optim.name=sgd ray.num_workers=1."
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML run config (e.g. experiments/quickstart_digits.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (after a driver crash)"
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray); same as ray.address="
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raytrain-ssl",
+        description="Self-supervised pretraining (SimCLRv2), fine-tuning and distillation on Ray.",
+        epilog="Run `raytrain-ssl <command> --help` for the options of each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    pretrain = sub.add_parser(
+        "pretrain",
+        help="contrastive pretraining of a ResNet without labels",
+        description="Contrastive SimCLRv2 pretraining on Ray Train workers (DDP, global BatchNorm, LARS).\n"
+        + EPILOG_OVERRIDES
+        + "\n\nConfig keys:\n"
+        + "\n".join(describe_options(PretrainConfig)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_run_arguments(pretrain)
+    pretrain.set_defaults(handler=_cmd_pretrain)
+    _register_optional_commands(sub)
+    return parser
+
+
+def _register_optional_commands(sub) -> None:
+    from raytrain_ssl.commands import shards
+
+    shards.register(sub)
+
+
+def _resolve_config(args, stage: str):
+    """CONFIG + overrides, or with --resume the run's saved config.yaml + overrides."""
+    overrides = list(args.overrides)
+    config_file = args.config
+    if config_file and "=" in config_file:  # no file, only overrides: `pretrain train.epochs=1`
+        overrides.insert(0, config_file)
+        config_file = None
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    if args.resume:
+        from raytrain_ssl.launch import CONFIG_FILE
+
+        if config_file:
+            raise ConfigError("give either a CONFIG file or --resume RUN_DIR, not both")
+        config_file = os.path.join(args.resume, CONFIG_FILE)
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"--resume: no {CONFIG_FILE} in {args.resume} (is it a run directory?)")
+    return load_config(config_file, overrides, stage=stage)
+
+
+def _cmd_pretrain(args) -> int:
+    cfg = _resolve_config(args, "pretrain")
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    from raytrain_ssl.stages import pretrain
+
+    summary = pretrain.run(cfg, resume=bool(args.resume))
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    metrics = summary["metrics"]
+    print(json.dumps(summary, indent=2))
+    if "knn_top1" in metrics:
+        print(f"kNN top-1 accuracy: {100 * metrics['knn_top1']:.2f}% (top-5 {100 * metrics['knn_top5']:.2f}%)")
+    print(f"run directory: {summary['run_dir']}   (tensorboard --logdir {summary['run_dir']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints would show twice
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"raytrain-ssl: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a resource error or a failed run: one line, then the cause
+        from raytrain_ssl.launch import ResourceError
+
+        if isinstance(exc, ResourceError):
+            print(f"raytrain-ssl: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

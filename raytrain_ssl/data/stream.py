@@ -1,0 +1,178 @@
+"""Ray Data streams from shards to training workers: read_parquet -> decode -> augment -> workers.
+
+Nothing is materialised: Parquet blocks stream through CPU tasks that decode and augment, and each Train
+worker pulls its part with `get_dataset_shard(...).iter_torch_batches(...)`. A bad image is a logged skip
+with its id and reason; it never fails the task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from raytrain_ssl.data.augment import eval_transform, finetune_transform, simclr_view_transform
+from raytrain_ssl.data.decode import BadImageError, decode_rgb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Everything a decode+augment task needs; small and picklable, shipped with each Ray Data task."""
+
+    image_size: int
+    color_jitter_strength: float = 1.0
+    min_crop_scale: float = 0.08
+    gaussian_blur: bool = False
+    grayscale_probability: float = 0.2
+    max_pixels: int = 64_000_000
+
+
+def parquet_files(path: str) -> list[str]:
+    """The shard files of a local directory (sorted); a missing or empty path is a one-line error."""
+    if "://" in path:
+        return [path]  # URIs are listed by Ray Data itself
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"shard directory not found: {root}")
+    files = sorted(str(p) for p in root.rglob("*.parquet")) if root.is_dir() else [str(root)]
+    if not files:
+        raise FileNotFoundError(f"no .parquet shards under {root}")
+    return files
+
+
+def count_rows(path: str) -> int:
+    """Rows in the shards, from Parquet footers only (no image is read)."""
+    import pyarrow.fs
+
+    if "://" in path:
+        fs, base = pyarrow.fs.FileSystem.from_uri(path)
+        dataset = pq.ParquetDataset(base, filesystem=fs)
+        return sum(frag.metadata.num_rows for frag in dataset.fragments)
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(path))
+
+
+def has_labels(path: str) -> bool:
+    """True when the first shard has at least one non-null label."""
+    first = parquet_files(path)[0]
+    if "://" in first:
+        return True
+    labels = pq.read_table(first, columns=["label"]).column("label")
+    return labels.null_count < len(labels)
+
+
+def read_shards(path: str, columns: list[str], shuffle_seed: int | None):
+    """A lazy Ray Dataset over the shards; files are shuffled per epoch, reproducibly from the seed."""
+    import ray.data
+    from ray.data import DataContext, FileShuffleConfig
+
+    # Ray 2.60's default Parquet reader (datasource v2) merged small files into one block and ignored
+    # override_num_blocks, so nothing streamed until the end (see shared/design/RAY.md).
+    DataContext.get_current().use_datasource_v2 = False
+    files = parquet_files(path)
+    shuffle = (
+        FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
+    )
+    ds = ray.data.read_parquet(
+        files if "://" not in path else path,
+        shuffle=shuffle,
+        override_num_blocks=len(files) if "://" not in path else None,
+    )
+    return ds.select_columns(columns)
+
+
+def _reseed_task_rng() -> None:
+    """Ray Data reuses worker processes that all start with torch's same default seed: without this,
+    every process would draw the same crops for the same batch position."""
+    torch.manual_seed(int.from_bytes(os.urandom(8), "little") % (2**63))
+
+
+def _decode_rows(batch: dict, spec: ViewSpec):
+    """Yield (index, PIL image) for the decodable rows of a batch; log a skip for every bad one."""
+    for i, (data, image_id) in enumerate(zip(batch["image"], batch["id"])):
+        try:
+            yield i, decode_rgb(data, max_pixels=spec.max_pixels)
+        except BadImageError as exc:
+            log.warning("skipping image %s: %s", image_id, exc)
+
+
+def two_view_batch_fn(spec: ViewSpec) -> Callable[[dict], dict]:
+    """Ray Data map_batches function: encoded images -> two uint8 SimCLR views per image."""
+
+    def fn(batch: dict) -> dict:
+        _reseed_task_rng()
+        transform = simclr_view_transform(
+            spec.image_size,
+            spec.color_jitter_strength,
+            spec.min_crop_scale,
+            spec.gaussian_blur,
+            spec.grayscale_probability,
+        )
+        view1, view2 = [], []
+        for _, image in _decode_rows(batch, spec):
+            view1.append(transform(image).numpy())
+            view2.append(transform(image).numpy())
+        return {"view1": _stack(view1, spec.image_size), "view2": _stack(view2, spec.image_size)}
+
+    return fn
+
+
+def labeled_batch_fn(spec: ViewSpec, train: bool) -> Callable[[dict], dict]:
+    """Ray Data map_batches function: encoded images with labels -> one uint8 view + label.
+
+    Rows without a label are dropped (a labeled split may still hold a few unlabeled images)."""
+
+    def fn(batch: dict) -> dict:
+        _reseed_task_rng()
+        transform = finetune_transform(spec.image_size) if train else eval_transform(spec.image_size)
+        images, labels = [], []
+        for i, image in _decode_rows(batch, spec):
+            label = batch["label"][i]
+            if label is None or (isinstance(label, float) and np.isnan(label)):
+                continue
+            images.append(transform(image).numpy())
+            labels.append(int(label))
+        return {"image": _stack(images, spec.image_size), "label": np.asarray(labels, dtype=np.int64)}
+
+    return fn
+
+
+def _stack(arrays: list[np.ndarray], size: int) -> np.ndarray:
+    if not arrays:
+        return np.zeros((0, 3, size, size), dtype=np.uint8)
+    return np.stack(arrays)
+
+
+def pretrain_dataset(path: str, spec: ViewSpec, shuffle_seed: int, batch_size: int, concurrency: int | None):
+    """Unlabeled two-view stream for contrastive pretraining."""
+    ds = read_shards(path, ["image", "id"], shuffle_seed)
+    return ds.map_batches(two_view_batch_fn(spec), batch_size=batch_size, compute=_task_pool(concurrency))
+
+
+def labeled_dataset(
+    path: str,
+    spec: ViewSpec,
+    train: bool,
+    batch_size: int,
+    concurrency: int | None,
+    limit: int | None = None,
+    shuffle_seed: int | None = None,
+):
+    """Labeled single-view stream: random crop+flip when `train`, centre crop otherwise."""
+    ds = read_shards(path, ["image", "id", "label"], shuffle_seed)
+    if limit is not None:
+        ds = ds.limit(limit)
+    return ds.map_batches(labeled_batch_fn(spec, train), batch_size=batch_size, compute=_task_pool(concurrency))
+
+
+def _task_pool(size: int | None):
+    from ray.data import TaskPoolStrategy
+
+    return TaskPoolStrategy(size=size)

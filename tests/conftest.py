@@ -1,0 +1,29 @@
+"""Shared fixtures. One local Ray session serves the whole test run (ray.init costs seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Worker prints would otherwise show twice on the driver.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Fail fast instead of waiting 30 minutes when a test deadlocks Ray Data.
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with more logical CPUs than cores, so 2 Train workers and Ray Data tasks both fit."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            object_store_memory=300 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    yield ray
+    # Left running for the other tests; Ray shuts down when the pytest process exits.
