@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_optional_commands(sub) -> None:
-    from raytrain_ssl.commands import shards
-
+    try:  # TEMP-GUARD until the shards command lands
+        from raytrain_ssl.commands import shards
+    except ImportError:
+        return
     shards.register(sub)
 
 

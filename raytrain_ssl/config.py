@@ -107,6 +107,7 @@ class CheckpointSection(Section):
 
 class EvalSection(Section):
     knn_every_epochs: int | None = Field(1, gt=0, description="kNN top-1 every N epochs (None: never)")
+    knn_at_start: bool = Field(False, description="also score the randomly initialised encoder (a baseline)")
     knn_k: int = Field(200, gt=0)
     knn_temperature: float = Field(0.07, gt=0)
     knn_bank_max_images: int = Field(20000, gt=0, description="cap on memory-bank images")

@@ -149,7 +149,9 @@ def build_optimizer(
     """The optimiser `name` over `parameter_groups(model, weight_decay)`. AdamW ignores `momentum`."""
     groups = parameter_groups(model, weight_decay)
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)
+        return LARS(
+            groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient
+        )
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":

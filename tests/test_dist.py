@@ -23,8 +23,9 @@ from raytrain_ssl.dist import GlobalBatchNorm, convert_to_global_batchnorm
 WORLD_SIZE = 2
 
 
-# -- a 2-process gloo harness (copied in test_losses / test_negative_queue: test files do not import each
-#    other here; move it to conftest if more files need it) --------------------------------------------------
+# -- 2-process gloo harness -----------------------------------------------------------------------
+# Copied in test_losses.py and test_negative_queue.py: test files do not import each other here (no
+# tests/__init__.py). Spawned children unpickle `fn` by module name, so it must be a module-level function.
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,7 +53,7 @@ def _close(a, b, atol=1e-5, rtol=1e-4, what=""):
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
-# -- single process -------------------------------------------------------------------------------------------
+# -- single process --------------------------------------------------------------------------------
 def test_fallbacks_without_process_group():
     assert (dist.get_rank(), dist.get_world_size(), dist.is_main_process()) == (0, 1, True)
     dist.barrier()
@@ -102,7 +103,7 @@ def test_convert_to_global_batchnorm_replaces_every_bn_and_shares_state():
     assert isinstance(synced[0], nn.SyncBatchNorm)
 
 
-# -- two processes ---------------------------------------------------------------------------------------------
+# -- two processes ---------------------------------------------------------------------------------
 def _collectives_worker(rank: int) -> None:
     world = dist.get_world_size()
     assert (dist.get_rank(), world, dist.is_main_process()) == (rank, 2, rank == 0)
@@ -144,7 +145,12 @@ def _bn_case(shape: tuple[int, ...], seed: int):
 
 def _batchnorm_worker(rank: int) -> None:
     world = dist.get_world_size()
-    cases = [((8, 3, 4, 4), nn.BatchNorm2d, 0.1), ((6, 5), nn.BatchNorm1d, None), ((4, 2, 7), nn.BatchNorm1d, 0.2)]
+    # (shape, reference class, momentum): 4-D, 2-D and 3-D input; momentum=None is a cumulative average.
+    cases = [
+        ((8, 3, 4, 4), nn.BatchNorm2d, 0.1),
+        ((6, 5), nn.BatchNorm1d, None),
+        ((4, 2, 7), nn.BatchNorm1d, 0.2),
+    ]
     for seed, (shape, ref_cls, momentum) in enumerate(cases):
         x, loss_weights, weight, bias = _bn_case(shape, seed)
         ref, gbn = ref_cls(shape[1], momentum=momentum), GlobalBatchNorm(shape[1], momentum=momentum)

@@ -1,4 +1,8 @@
-"""Losses against naive references on tiny tensors, and NT-Xent on 2 gloo processes vs 1 process."""
+"""Losses against naive references on tiny tensors, and NT-Xent on 2 gloo processes vs 1 process.
+
+The last test runs the stage's real chain (GlobalBatchNorm + DDP + NT-Xent) on 2 ranks and compares
+parameter gradients with one process on the whole batch, with no correction factor anywhere.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,17 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from raytrain_ssl import dist
+from raytrain_ssl.dist import convert_to_global_batchnorm
 from raytrain_ssl.losses import distillation_loss, nt_xent
 
 WORLD_SIZE = 2
 
 
-# -- 2-process gloo harness (same as tests/test_dist.py) ---------------------------------------------------------
+# -- 2-process gloo harness (same as tests/test_dist.py) -------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,7 +48,7 @@ def run_on_two_ranks(fn, *args) -> None:
     mp.spawn(_bootstrap, args=(_free_port(), fn, args), nprocs=WORLD_SIZE, join=True)
 
 
-# -- naive reference -----------------------------------------------------------------------------------------
+# -- naive reference -------------------------------------------------------------------------------
 def naive_nt_xent(z1, z2, t, k1=None, k2=None, queue=None) -> float:
     """Loop over anchors: -log(exp(pos/t) / sum over positive and all negatives), mean of both directions."""
     z1, z2 = F.normalize(z1.double(), dim=1), F.normalize(z2.double(), dim=1)
@@ -58,7 +65,7 @@ def naive_nt_xent(z1, z2, t, k1=None, k2=None, queue=None) -> float:
     return total / (2 * n)
 
 
-# -- single process -------------------------------------------------------------------------------------------
+# -- single process --------------------------------------------------------------------------------
 @pytest.mark.parametrize("use_keys", [False, True])
 @pytest.mark.parametrize("use_queue", [False, True])
 def test_nt_xent_matches_naive_loop(use_keys, use_queue):
@@ -112,7 +119,7 @@ def test_distillation_loss_matches_formula_and_has_zero_gradient_at_teacher():
     torch.testing.assert_close(loss, entropy)  # a cross-entropy: T^2 * teacher entropy, not 0
 
 
-# -- two processes ---------------------------------------------------------------------------------------------
+# -- two processes ---------------------------------------------------------------------------------
 def _case(seed: int, n_global: int = 6, d: int = 5):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n_global, d, generator=g) for _ in range(5)]  # z1, z2, k1, k2, queue
@@ -148,9 +155,45 @@ def _nt_xent_worker(rank: int, references: dict, t: float) -> None:
             torch.testing.assert_close(grad / world, ref[rows], msg=lambda m: f"{what} grad: {m}")
 
 
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _ddp_views() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+
+
+def _ddp_reference(t: float) -> dict[str, torch.Tensor]:
+    """Single process, whole batch: BN statistics over both views of all 6 images, as the stage does."""
+    model = _tiny_model()
+    x1, x2 = _ddp_views()
+    z1, z2 = model(torch.cat([x1, x2])).chunk(2)
+    nt_xent(z1, z2, t)[0].backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def _ddp_worker(rank: int, reference: dict[str, torch.Tensor], t: float) -> None:
+    """The whole chain the training stage uses: GlobalBatchNorm + DDP + gathered NT-Xent, no manual factor."""
+    model = convert_to_global_batchnorm(_tiny_model(), use_sync_batchnorm=False)
+    ddp = DistributedDataParallel(model)
+    x1, x2 = (x[rank * 3 : rank * 3 + 3] for x in _ddp_views())
+    z1, z2 = ddp(torch.cat([x1, x2])).chunk(2)
+    nt_xent(z1, z2, t)[0].backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference[name], msg=lambda m: f"DDP grad of {name}: {m}")
+
+
+def _two_rank_suite(rank: int, references: dict, ddp_reference: dict, t: float) -> None:
+    # One spawn for both checks: starting processes dominates the cost on 2 cores.
+    _nt_xent_worker(rank, references, t)
+    _ddp_worker(rank, ddp_reference, t)
+
+
 @pytest.mark.timeout(120)
 def test_nt_xent_two_ranks_equal_one_rank_on_concatenated_batch():
     t = 0.3
     cases = [(0, False, False), (1, True, False), (2, False, True)]
     references = {case: _single_process_reference(*case, t) for case in cases}
-    run_on_two_ranks(_nt_xent_worker, references, t)
+    run_on_two_ranks(_two_rank_suite, references, _ddp_reference(t), t)

@@ -16,7 +16,7 @@ from raytrain_ssl.negative_queue import NegativeQueue
 WORLD_SIZE = 2
 
 
-# -- 2-process gloo harness (same as tests/test_dist.py) ---------------------------------------------------------
+# -- 2-process gloo harness (same as tests/test_dist.py) -------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,7 +44,7 @@ def _keys(values: list[float], dim: int = 3) -> torch.Tensor:
     return torch.tensor([[v] + [1.0] * (dim - 1) for v in values])
 
 
-# -- single process -------------------------------------------------------------------------------------------
+# -- single process --------------------------------------------------------------------------------
 def test_empty_queue_has_no_negatives_and_lives_in_state_dict():
     queue = NegativeQueue(size=4, dim=3)
     assert queue.negatives() is None
@@ -76,7 +76,7 @@ def test_keys_are_detached():
     assert not queue.negatives().requires_grad
 
 
-# -- two processes ---------------------------------------------------------------------------------------------
+# -- two processes ---------------------------------------------------------------------------------
 def _queue_worker(rank: int) -> None:
     queue = NegativeQueue(size=5, dim=3)  # random init differs per rank; only filled rows matter
     queue.enqueue(_keys([10 * rank + 1, 10 * rank + 2]))  # rank 0: 1, 2; rank 1: 11, 12

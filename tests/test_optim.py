@@ -114,7 +114,9 @@ def test_scheduler_state_round_trips():
     assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * warmup_cosine(8, 4, 20))
 
 
-@pytest.mark.parametrize("name, cls", [("lars", LARS), ("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+@pytest.mark.parametrize(
+    "name, cls", [("lars", LARS), ("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)]
+)
 def test_build_optimizer(name, cls):
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     opt = build_optimizer(name, model, lr=0.1, weight_decay=1e-4)

@@ -165,7 +165,7 @@ def _list_tar(fs: pafs.FileSystem, path: str, compression: str | None, scratch_d
 
 _TAR_FILE_TYPES = (b"0", b"\0", b"7")
 _TAR_BLOCK = 512
-_SCAN_CHUNK = 1 << 20
+_SCAN_CHUNK = 256 * 1024  # small enough that damage at the end of an archive loses little
 
 
 def _scan_tar(stream) -> Iterator[tuple[str, int, int, bytes]]:
@@ -231,7 +231,7 @@ class _SequentialReader:
         rel = offset - self.start
         if rel > len(self.buf):  # skip over member data we never keep
             gap = rel - len(self.buf)
-            while gap > 0 and (chunk := self.stream.read(min(gap, _COPY_CHUNK))):
+            while gap > 0 and (chunk := self.stream.read(min(gap, _SCAN_CHUNK))):
                 gap -= len(chunk)
             self.buf, self.start, rel = b"", offset, 0
         if rel + n > len(self.buf):

@@ -62,7 +62,7 @@ class Progress:
     epoch: int = 0  # the epoch in progress (or the next one, after an epoch-end checkpoint)
     step_in_epoch: int = 0
     global_step: int = 0
-    best: dict = field(default_factory=dict)
+    resumed_from_steps: list = field(default_factory=list)  # one entry per restart from a checkpoint
 
 
 @dataclass
@@ -111,11 +111,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = load_latest_in_worker()
     if state is not None:
         progress = _restore(state, model, optimizer, scheduler, ema, queue)
+        progress.resumed_from_steps.append(progress.global_step)
         log.info("resumed at epoch %d step %d", progress.epoch, progress.global_step)
 
     tb = make_logger(Path(loop_config["run_dir"]) / "tensorboard", env.is_main)
     tb.text("config", f"```\n{json.dumps(loop_config['config'], indent=2)}\n```", progress.global_step)
     train_shard = env.dataset_shard("train")
+    if state is None and cfg.eval.knn_at_start:
+        _knn(cfg, env, model, progress, tb)  # the random-init baseline the curve starts from
     while progress.epoch < cfg.train.epochs and progress.global_step < total_steps:
         model.train()
         remaining = min(steps_per_epoch - progress.step_in_epoch, total_steps - progress.global_step)
@@ -213,14 +216,20 @@ def _epoch_metrics(cfg, env, model, progress, tb) -> dict:
     last = progress.epoch >= cfg.train.epochs or (
         cfg.train.max_steps is not None and progress.global_step >= cfg.train.max_steps
     )
-    if env.has_dataset("knn_bank") and env.has_dataset("knn_query") and (due or last):
-        knn = knn_eval(unwrap(model).encoder, env, cfg.eval.knn_k, cfg.eval.knn_temperature)
-        tb.scalars(knn, progress.global_step, prefix="eval/")
-        metrics.update(knn)
-        if env.is_main:
-            log.info("epoch %d: kNN top-1 %.2f%%  top-5 %.2f%%", progress.epoch, 100 * knn["knn_top1"], 100 * knn["knn_top5"])
+    if due or last:
+        metrics.update(_knn(cfg, env, model, progress, tb))
     tb.flush()
     return metrics
+
+
+def _knn(cfg, env, model, progress, tb) -> dict:
+    if not (env.has_dataset("knn_bank") and env.has_dataset("knn_query")):
+        return {}
+    knn = knn_eval(unwrap(model).encoder, env, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    tb.scalars(knn, progress.global_step, prefix="eval/")
+    if env.is_main:
+        log.info("epoch %d: kNN top-1 %.2f%%  top-5 %.2f%%", progress.epoch, 100 * knn["knn_top1"], 100 * knn["knn_top5"])
+    return knn
 
 
 def _state(cfg, model, optimizer, scheduler, ema, queue, progress: Progress) -> dict:
