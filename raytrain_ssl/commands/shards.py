@@ -63,7 +63,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(handler=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,22 +73,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="with --info: print JSON")
     parser.add_argument("--labels-from-folders", action="store_true", help="class sub-folders give labels")
     parser.add_argument("--subdir", metavar="PATH", help="only images under this folder of SRC")
-    parser.add_argument("--holdout-folder", metavar="PATH",
-                        help="images under this folder of SRC go to OUT_DIR/heldout/")  # fmt: skip
-    parser.add_argument("--holdout-ids", metavar="FILE",
-                        help="a file of ids (one per line, # comments) that go to OUT_DIR/heldout/")  # fmt: skip
-    parser.add_argument("--shard-size-mb", type=float, default=256.0, metavar="MB",
-                        help="image bytes per shard (default 256; a few hundred MB reads well)")  # fmt: skip
-    parser.add_argument("--image-size", type=int, metavar="N",
-                        help="shrink images whose longer side exceeds N (default: keep sizes); "
-                        "about 2x the training resolution keeps random crops sharp")  # fmt: skip
-    parser.add_argument("--max-pixels", type=int, metavar="N", default=None,
-                        help="reject images declaring more pixels, as decompression bombs "
-                        "(default 64,000,000)")  # fmt: skip
-    parser.add_argument("--min-size", type=int, default=8, metavar="N",
-                        help="reject images whose shorter side is below N pixels (default 8)")  # fmt: skip
-    parser.add_argument("--num-tasks", type=int, metavar="N",
-                        help="concurrent decoding tasks (default: as many as Ray Data sees CPUs)")  # fmt: skip
+    parser.add_argument(
+        "--holdout-folder", metavar="PATH", help="images under this folder of SRC go to OUT_DIR/heldout/"
+    )
+    parser.add_argument(
+        "--holdout-ids", metavar="FILE", help="a file of ids (one per line, # comments) that go to OUT_DIR/heldout/"
+    )
+    parser.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=256.0,
+        metavar="MB",
+        help="image bytes per shard (default 256; a few hundred MB reads well)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="shrink images whose longer side exceeds N (default: keep sizes); "
+        "about 2x the training resolution keeps random crops sharp",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        default=None,
+        help="reject images declaring more pixels, as decompression bombs (default 64,000,000)",
+    )
+    parser.add_argument(
+        "--min-size",
+        type=int,
+        default=8,
+        metavar="N",
+        help="reject images whose shorter side is below N pixels (default 8)",
+    )
+    parser.add_argument(
+        "--num-tasks", type=int, metavar="N", help="concurrent decoding tasks (default: as many as Ray Data sees CPUs)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
 
 
@@ -147,10 +168,14 @@ def _read_ids(uri: str) -> frozenset[str]:
 def format_info(info: dict) -> str:
     """`shard_info` as a few aligned lines."""
     splits = info["splits"]
-    lines = [f"{info['out_dir']}  (from {info['source']})", f"classes ({len(info['classes'])}): "
-             + (" ".join(info["classes"]) or "none: unlabeled")]  # fmt: skip
-    header = f"{'split':8s} {'images':>10s} {'MB':>9s} {'shards':>6s} {'re-encoded':>10s} " \
-             f"{'duplicates':>10s} {'rejected':>8s} {'unlabeled':>9s}"  # fmt: skip
+    lines = [
+        f"{info['out_dir']}  (from {info['source']})",
+        f"classes ({len(info['classes'])}): " + (" ".join(info["classes"]) or "none: unlabeled"),
+    ]
+    header = (
+        f"{'split':8s} {'images':>10s} {'MB':>9s} {'shards':>6s} {'re-encoded':>10s} "
+        f"{'duplicates':>10s} {'rejected':>8s} {'unlabeled':>9s}"
+    )
     lines += ["", header]
     for name, s in splits.items():
         lines.append(
@@ -161,8 +186,7 @@ def format_info(info: dict) -> str:
     if info["classes"]:
         lines += ["", f"{'class':20s}" + "".join(f"{name:>10s}" for name in splits)]
         for cls in info["classes"]:
-            lines.append(f"{cls[:20]:20s}" + "".join(f"{s['counts_per_class'].get(cls, 0):>10,}"
-                                                     for s in splits.values()))  # fmt: skip
+            lines.append(f"{cls[:20]:20s}" + "".join(f"{s['class_counts'].get(cls, 0):>10,}" for s in splits.values()))
     for name, s in splits.items():
         if s["rejected_by_reason"]:
             reasons = ", ".join(f"{reason} {n:,}" for reason, n in s["rejected_by_reason"].items())

@@ -32,9 +32,7 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     return to_rgb(open_image(data, max_pixels))
 
 
-def open_image(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
-) -> Image.Image:
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
     """Fully decode `data` into a PIL image in its own mode; raise `BadImageError` for anything else.
 
     The returned image keeps `format` (e.g. "JPEG") and carries `info["source_size"]`, the size
@@ -52,9 +50,7 @@ def open_image(
             img = Image.open(io.BytesIO(data))
             source_size = img.size
             if img.width * img.height > max_pixels:
-                raise BadImageError(
-                    f"decompression bomb ({img.width}x{img.height} > {max_pixels:,} pixels)"
-                )
+                raise BadImageError(f"decompression bomb ({img.width}x{img.height} > {max_pixels:,} pixels)")
             if draft_size is not None and img.format == "JPEG":
                 scale = max(img.size) / draft_size
                 if scale >= 2:

@@ -39,14 +39,7 @@ from PIL import Image
 
 from raytrain_ssl.data.decode import DEFAULT_MAX_PIXELS, BadImageError, open_image, to_rgb
 from raytrain_ssl.data.schema import MANIFEST_NAME, SHARD_SCHEMA
-from raytrain_ssl.data.sources import (
-    Listing,
-    Reader,
-    SourceError,
-    class_folder,
-    list_source,
-    open_uri,
-)
+from raytrain_ssl.data.sources import Listing, Reader, SourceError, class_folder, list_source, open_uri
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +47,19 @@ HELDOUT_DIR = "heldout"  # OUT_DIR/heldout/: shards + manifest of the held-out s
 SCRATCH_DIR = "_scratch"  # OUT_DIR/_scratch/: decompressed archives while the job runs
 KEEP_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP"})
 KEEP_MODES = frozenset({"RGB", "L"})
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 ITEMS_PER_TASK = 4000
 BYTES_PER_TASK = 32 * 1024 * 1024
-ROW_GROUP_BYTES = 32 * 1024 * 1024
+ROW_GROUP_BYTES = 8 * 1024 * 1024  # a reader that splits by row group gets parallelism from one shard
 
 _RESULT_SCHEMA = pa.schema(
-    [*SHARD_SCHEMA, pa.field("pos", pa.int64()), pa.field("heldout", pa.bool_()),
-     pa.field("reencoded", pa.bool_()), pa.field("reason", pa.string())]
-)  # fmt: skip
+    [
+        *SHARD_SCHEMA,
+        pa.field("heldout", pa.bool_()),
+        pa.field("reencoded", pa.bool_()),
+        pa.field("reason", pa.string()),
+    ]
+)
 
 
 class IngestError(Exception):
@@ -82,18 +80,20 @@ class IngestOptions:
     overwrite: bool = False
 
     def __post_init__(self):
-        checks = {
-            "shard_size_mb": self.shard_size_mb > 0,
-            "image_size": self.image_size is None or self.image_size >= max(self.min_size, 1),
-            "max_pixels": self.max_pixels > 0,
-            "min_size": self.min_size >= 1,
-            "num_tasks": self.num_tasks is None or self.num_tasks >= 1,
-        }
-        allowed = {"shard_size_mb": "> 0", "image_size": f">= min_size ({self.min_size})",
-                   "max_pixels": "> 0", "min_size": ">= 1", "num_tasks": ">= 1"}  # fmt: skip
-        for key, ok in checks.items():
+        rules = [
+            ("shard_size_mb", self.shard_size_mb > 0, "> 0"),
+            ("min_size", self.min_size >= 1, ">= 1"),
+            (
+                "image_size",
+                self.image_size is None or self.image_size >= self.min_size,
+                f">= min_size ({self.min_size})",
+            ),
+            ("max_pixels", self.max_pixels > 0, "> 0"),
+            ("num_tasks", self.num_tasks is None or self.num_tasks >= 1, ">= 1"),
+        ]
+        for key, ok, allowed in rules:
             if not ok:
-                raise IngestError(f"{key} must be {allowed[key]}, got {getattr(self, key)}")
+                raise IngestError(f"{key} must be {allowed}, got {getattr(self, key)}")
 
 
 @dataclass
@@ -101,7 +101,7 @@ class SplitReport:
     """What one split's manifest says."""
 
     classes: list[str]
-    counts_per_class: Counter = field(default_factory=Counter)
+    class_counts: Counter = field(default_factory=Counter)
     num_unlabeled: int = 0
     num_reencoded: int = 0
     rejected: list[dict] = field(default_factory=list)
@@ -137,9 +137,6 @@ class IngestSummary:
 
 def write_shards(src: str, out_dir: str, options: IngestOptions = IngestOptions()) -> IngestSummary:
     """Run the whole job; uses the Ray the caller started, else starts one with `ray.init()`."""
-    import ray
-    import ray.data
-
     start = time.perf_counter()
     src_fs, src_path = open_uri(src)
     if src_fs.get_file_info(src_path).type == pafs.FileType.NotFound:
@@ -150,51 +147,59 @@ def write_shards(src: str, out_dir: str, options: IngestOptions = IngestOptions(
     try:
         listing = list_source(src, scratch)
         entries, classes, heldout_missing = _plan(listing, options)
+        log.info("%s: %d images listed (%s), %d files ignored", src, len(entries), listing.kind, len(listing.ignored))
         reports = {False: SplitReport(classes), True: SplitReport(classes)}
         reports[False].rejected.extend(listing.rejected)
-        log.info("%s: %d images listed (%s), %d files ignored", src, len(entries), listing.kind,
-                 len(listing.ignored))  # fmt: skip
+        shard_bytes = int(options.shard_size_mb * 1024 * 1024)
         writers = {
-            flag: _ShardWriter(out_fs, posixpath.join(out_path, HELDOUT_DIR) if flag else out_path,
-                               int(options.shard_size_mb * 1024 * 1024), reports[flag].shards)
-            for flag in (False, True)
-        }  # fmt: skip
+            False: _ShardWriter(out_fs, out_path, shard_bytes, reports[False].shards),
+            True: _ShardWriter(out_fs, posixpath.join(out_path, HELDOUT_DIR), shard_bytes, reports[True].shards),
+        }
         if entries:
-            if not ray.is_initialized():
-                ray.init()  # a local Ray, or the cluster named by RAY_ADDRESS
-            ds = ray.data.from_items(entries, override_num_blocks=_num_blocks(entries))
-            ds = ds.map_batches(
-                _process_batch,
-                batch_size=None,
-                batch_format="pyarrow",
-                fn_kwargs={"reader": Reader(src, scratch), "options": options},
-                compute=ray.data.TaskPoolStrategy(size=options.num_tasks),
-            )
-            ds.context.execution_options.preserve_order = True  # the dedup keeps the first by order
-            _collect(ds.iter_batches(batch_size=None, batch_format="pyarrow"), writers, reports)
+            _collect(_process_in_ray(entries, src, scratch, options), writers, reports)
         for writer in writers.values():
             writer.close()
-        base = {"source": src, "source_kind": listing.kind, "options": _options_json(options)}
-        has_heldout = bool(reports[True].shards or reports[True].rejected or options.holdout_folder
-                           or options.holdout_ids)  # fmt: skip
-        if has_heldout:
-            extra = {"holdout_ids_not_found": heldout_missing}
-            _write_manifest(out_fs, posixpath.join(out_path, HELDOUT_DIR), reports[True],
-                            {**base, "split": "heldout", **extra})  # fmt: skip
+        # The main manifest goes last: its presence marks a finished job.
+        common = {"source": src, "source_kind": listing.kind, "options": _options_json(options)}
+        heldout = bool(options.holdout_folder or options.holdout_ids)
+        if heldout:
+            extra = {"split": "heldout", "holdout_ids_not_found": heldout_missing}
+            _write_manifest(out_fs, posixpath.join(out_path, HELDOUT_DIR), reports[True], {**common, **extra})
         ignored = {"count": len(listing.ignored), "examples": listing.ignored[:20]}
-        _write_manifest(out_fs, out_path, reports[False], {
-            **base, "split": "train", "heldout_dir": HELDOUT_DIR if has_heldout else None,
-            "ignored_files": ignored})  # fmt: skip
+        extra = {"split": "train", "heldout_dir": HELDOUT_DIR if heldout else None, "ignored_files": ignored}
+        _write_manifest(out_fs, out_path, reports[False], {**common, **extra})
     finally:
-        out_fs.delete_dir_contents(posixpath.join(out_path, SCRATCH_DIR), missing_dir_ok=True)
-        if out_fs.get_file_info(posixpath.join(out_path, SCRATCH_DIR)).type != pafs.FileType.NotFound:
-            out_fs.delete_dir(posixpath.join(out_path, SCRATCH_DIR))
-    both = list(reports.values())
+        scratch_dir = posixpath.join(out_path, SCRATCH_DIR)
+        if out_fs.get_file_info(scratch_dir).type != pafs.FileType.NotFound:
+            out_fs.delete_dir(scratch_dir)
+    both = reports.values()
     return IngestSummary(
-        out_dir, sum(r.num_images for r in both), sum(len(r.rejected) for r in both),
-        sum(len(r.duplicates) for r in both), sum(r.total_bytes for r in both),
+        out_dir,
+        sum(r.num_images for r in both),
+        sum(len(r.rejected) for r in both),
+        sum(len(r.duplicates) for r in both),
+        sum(r.total_bytes for r in both),
         time.perf_counter() - start,
-    )  # fmt: skip
+    )
+
+
+def _process_in_ray(entries: list[dict], src: str, scratch: str, options: IngestOptions):
+    """The Ray Data part: result batches (see `_RESULT_SCHEMA`), in the order of `entries`."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init()  # a local Ray, or the cluster named by RAY_ADDRESS
+    ds = ray.data.from_items(entries, override_num_blocks=_num_blocks(entries))
+    ds = ds.map_batches(
+        _process_batch,
+        batch_size=None,  # one task per block of entries
+        batch_format="pyarrow",
+        fn_kwargs={"reader": Reader(src, scratch), "options": options},
+        compute=ray.data.TaskPoolStrategy(size=options.num_tasks),
+    )
+    ds.context.execution_options.preserve_order = True  # the dedup keeps the first in this order
+    return ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
 def _num_blocks(entries: list[dict]) -> int:
@@ -213,9 +218,10 @@ def _prepare_out_dir(fs: pafs.FileSystem, path: str, overwrite: bool) -> None:
         raise IngestError(f"OUT_DIR is a file: {path}")
     if info.type == pafs.FileType.Directory:
         ours = [
-            i for i in fs.get_file_info(pafs.FileSelector(path))
+            i
+            for i in fs.get_file_info(pafs.FileSelector(path))
             if i.base_name in (MANIFEST_NAME, HELDOUT_DIR, SCRATCH_DIR) or i.base_name.endswith(".parquet")
-        ]  # fmt: skip
+        ]
         if ours and not overwrite:
             raise IngestError(f"OUT_DIR already holds shards: {path} (pass --overwrite to replace them)")
         for i in ours:
@@ -253,9 +259,9 @@ def _plan(listing: Listing, options: IngestOptions) -> tuple[list[dict], list[st
         classes = sorted({e["class_name"] for e in entries if e["class_name"] is not None})
         index = {name: i for i, name in enumerate(classes)}
         labels = [index.get(e["class_name"]) for e in entries]
-    for pos, (entry, label) in enumerate(zip(entries, labels)):
+    for entry, label in zip(entries, labels):
         del entry["class_name"]
-        entry.update(pos=pos, label=label)
+        entry["label"] = label
     found = {e["id"] for e in held}
     missing = sorted(options.holdout_ids - found)
     if missing:
@@ -275,25 +281,22 @@ def _process_batch(batch: pa.Table, reader: Reader, options: IngestOptions) -> p
     entries = batch.to_pylist()
     columns: dict[str, list] = {name: [] for name in _RESULT_SCHEMA.names}
     for entry, data in zip(entries, reader.read(entries)):
+        reason = None
         try:
             image, digest, width, height, reencoded = normalise(entry, data, options)
-            reason = None
         except BadImageError as exc:
-            image, digest, width, height, reencoded, reason = b"", "", 0, 0, False, str(exc)
+            reason = str(exc)
         except Exception as exc:  # a bug or an exotic failure must still not stop the job
-            image, digest, width, height, reencoded = b"", "", 0, 0, False
             reason = f"unexpected error ({type(exc).__name__}: {exc})"
-        row = dict(id=entry["id"], image=image, label=entry["label"], hash=digest, width=width,
-                   height=height, pos=entry["pos"], heldout=entry["heldout"], reencoded=reencoded,
-                   reason=reason)  # fmt: skip
-        for name, value in row.items():
+        if reason is not None:
+            image, digest, width, height, reencoded = b"", "", 0, 0, False
+        row = (entry["id"], image, entry["label"], digest, width, height, entry["heldout"], reencoded, reason)
+        for name, value in zip(_RESULT_SCHEMA.names, row, strict=True):
             columns[name].append(value)
     return pa.table(columns, schema=_RESULT_SCHEMA)
 
 
-def normalise(
-    entry: dict, data: bytes | Exception, options: IngestOptions
-) -> tuple[bytes, str, int, int, bool]:
+def normalise(entry: dict, data: bytes | Exception, options: IngestOptions) -> tuple[bytes, str, int, int, bool]:
     """(image bytes, sha256 of the source bytes, width, height, re-encoded?) or `BadImageError`."""
     if isinstance(data, EOFError):
         raise BadImageError(f"truncated ({data})")
@@ -302,19 +305,22 @@ def normalise(
     digest = hashlib.sha256(data).hexdigest()
     if entry["rows"] is not None:  # an idx record: raw 8-bit greyscale pixels
         img = Image.frombytes("L", (entry["cols"], entry["rows"]), data)
-        return _encode(img, "PNG"), digest, img.width, img.height, True
-    img = open_image(data, options.max_pixels, draft_size=options.image_size)
+        img.format, img.info["source_size"] = "idx", img.size
+    else:
+        img = open_image(data, options.max_pixels, draft_size=options.image_size)
     width, height = img.info["source_size"]
     if min(width, height) < options.min_size:
         raise BadImageError(f"too small ({width}x{height}, shorter side below {options.min_size} px)")
     resize = options.image_size is not None and max(width, height) > options.image_size
     if not resize and img.format in KEEP_FORMATS and img.mode in KEEP_MODES:
         return data, digest, width, height, False
-    rgb = to_rgb(img)
+    out = to_rgb(img)
+    if img.mode in _GREY_MODES:  # stays one channel: a third of the bytes, and decode_rgb expands it
+        out = out.convert("L")
     if resize:
-        rgb.thumbnail((options.image_size, options.image_size), Image.Resampling.LANCZOS)
+        out.thumbnail((options.image_size, options.image_size), Image.Resampling.LANCZOS)
     fmt = "JPEG" if img.format in ("JPEG", "MPO") else "PNG"
-    return _encode(rgb, fmt), digest, rgb.width, rgb.height, True
+    return _encode(out, fmt), digest, out.width, out.height, True
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
@@ -345,7 +351,7 @@ def _collect(batches, writers: dict, reports: dict) -> None:
                 if row["label"] is None:
                     report.num_unlabeled += 1
                 else:
-                    report.counts_per_class[report.classes[row["label"]]] += 1
+                    report.class_counts[report.classes[row["label"]]] += 1
                 report.num_reencoded += row["reencoded"]
         kept = batch.take(keep)
         for flag, writer in writers.items():
@@ -387,13 +393,22 @@ class _ShardWriter:
         rows_per_group = max(1, int(table.num_rows * ROW_GROUP_BYTES / max(nbytes, 1)))
         self.fs.create_dir(self.directory, recursive=True)
         pq.write_table(
-            table.combine_chunks(), posixpath.join(self.directory, name), filesystem=self.fs,
+            table.combine_chunks(),
+            posixpath.join(self.directory, name),
+            filesystem=self.fs,
             row_group_size=rows_per_group,
             # The image bytes are JPEG/PNG already: compressing them again only costs time.
-            compression={"id": "zstd", "image": "none", "label": "zstd", "hash": "zstd",
-                         "width": "zstd", "height": "zstd"},
-            use_dictionary=["label"], write_statistics=["id", "label", "width", "height"],
-        )  # fmt: skip
+            compression={
+                "id": "zstd",
+                "image": "none",
+                "label": "zstd",
+                "hash": "zstd",
+                "width": "zstd",
+                "height": "zstd",
+            },
+            use_dictionary=["label"],
+            write_statistics=["id", "label", "width", "height"],
+        )
         self.shards.append({"file": name, "rows": table.num_rows, "bytes": nbytes})
 
 
@@ -402,7 +417,7 @@ def _write_manifest(fs: pafs.FileSystem, directory: str, report: SplitReport, ex
         **extra,
         "classes": report.classes,
         "num_images": report.num_images,
-        "counts_per_class": {name: report.counts_per_class[name] for name in report.classes},
+        "class_counts": {name: report.class_counts[name] for name in report.classes},
         "num_unlabeled": report.num_unlabeled,
         "total_bytes": report.total_bytes,
         "num_reencoded": report.num_reencoded,
@@ -452,6 +467,13 @@ def _split_info(manifest: dict) -> dict:
     reasons = Counter(r["reason"].split(" (")[0] for r in manifest["rejected"])
     return {
         key: manifest[key]
-        for key in ("num_images", "counts_per_class", "num_unlabeled", "total_bytes", "num_reencoded",
-                    "num_duplicates", "num_rejected")
-    } | {"num_shards": len(manifest["shards"]), "rejected_by_reason": dict(reasons.most_common())}  # fmt: skip
+        for key in (
+            "num_images",
+            "class_counts",
+            "num_unlabeled",
+            "total_bytes",
+            "num_reencoded",
+            "num_duplicates",
+            "num_rejected",
+        )
+    } | {"num_shards": len(manifest["shards"]), "rejected_by_reason": dict(reasons.most_common())}

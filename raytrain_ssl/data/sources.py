@@ -35,7 +35,6 @@ import lzma
 import os
 import posixpath
 import struct
-import tarfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -276,7 +275,8 @@ def _list_idx(fs: pafs.FileSystem, image_files: list[str], scratch_dir: str) -> 
             cfs, container = _spool(fs, path, scratch_dir)
             store = "scratch"
             scratch_files.append(container)
-        magic, count, rows, cols = struct.unpack(">IIII", _peek(cfs, container, 16))
+        header = _peek(cfs, container, 16)
+        magic, count, rows, cols = struct.unpack(">IIII", header) if len(header) == 16 else (0, 0, 0, 0)
         if magic != _IDX_IMAGES:
             raise SourceError(f"{path}: not an idx file of 8-bit images (magic {magic:#010x})")
         labels = _read_idx_labels(fs, posixpath.join(posixpath.dirname(path), _labels_name(name)))
@@ -296,7 +296,7 @@ def _read_idx_labels(fs: pafs.FileSystem, path: str) -> bytes | None:
         return None
     with _open_stream(fs, path) as raw:
         data = _decompressing(raw, _compression(fs, path)).read()
-    magic, count = struct.unpack(">II", data[:8])
+    magic, count = struct.unpack(">II", data[:8]) if len(data) >= 8 else (0, 0)
     if magic != _IDX_LABELS or len(data) < 8 + count:
         raise SourceError(f"{path}: not an idx labels file")
     return data[8 : 8 + count]
@@ -358,9 +358,16 @@ def _spool(fs: pafs.FileSystem, path: str, scratch_dir: str) -> tuple[pafs.FileS
 
 def _entry(id_: str, key: str, store: str, container: str, offset: int | None, size: int) -> dict:
     return dict(
-        id=id_, key=key, store=store, container=container, offset=offset, size=size,
-        rows=None, cols=None, idx_label=None,
-    )  # fmt: skip
+        id=id_,
+        key=key,
+        store=store,
+        container=container,
+        offset=offset,
+        size=size,
+        rows=None,
+        cols=None,
+        idx_label=None,
+    )
 
 
 # -------------------------------------------------------------------------------------------- reading
@@ -384,18 +391,21 @@ class Reader:
         for (store, container), indices in ranged.items():
             try:
                 with self.filesystems[store].open_input_file(container) as f:
-                    for i in indices:
+                    for i in sorted(indices, key=lambda i: entries[i]["offset"]):  # front to back
                         data = f.read_at(entries[i]["size"], entries[i]["offset"])
                         short = len(data) < entries[i]["size"]
                         results[i] = EOFError("the file ends inside this record") if short else data
             except OSError as exc:
                 for i in indices:
                     results[i] = exc
-        if whole:
+        if whole and not isinstance(self.filesystems["src"], pafs.LocalFileSystem):
             # Object stores answer each file after a round trip: read several at once.
             with ThreadPoolExecutor(min(self.threads, len(whole))) as pool:
                 for i, data in zip(whole, pool.map(lambda i: self._read_file(entries[i]), whole)):
                     results[i] = data
+        else:
+            for i in whole:
+                results[i] = self._read_file(entries[i])
         return results
 
     def _read_file(self, entry: dict) -> bytes | Exception:

@@ -43,9 +43,9 @@ def good_samples(seed: int = 0) -> dict[str, tuple[bytes, bool]]:
     rgb = rgb_image(seed=seed)
     palette = Image.new("P", (40, 30))
     palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
-    palette.paste(1, (0, 0, 20, 30))
-    sixteen = Image.fromarray((np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50))
-    la = Image.merge("LA", [Image.new("L", (40, 30), 60), Image.new("L", (40, 30), 0)])
+    palette.paste(1, (0, 0, 20 + seed, 30))
+    sixteen = Image.fromarray(np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50 + seed)
+    la = Image.merge("LA", [Image.new("L", (40, 30), 60 + seed), Image.new("L", (40, 30), 0)])
     return {
         "rgb.jpg": (encode(rgb, "JPEG", quality=90), False),
         "rgb.png": (encode(rgb, "PNG"), False),

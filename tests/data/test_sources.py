@@ -66,9 +66,13 @@ def test_class_folder_is_the_first_folder_below_the_root():
 
 @pytest.mark.parametrize(
     "fmt, mode",
-    [(tarfile.PAX_FORMAT, "w"), (tarfile.GNU_FORMAT, "w:gz"), (tarfile.USTAR_FORMAT, "w:bz2"),
-     (tarfile.PAX_FORMAT, "w:xz")],
-)  # fmt: skip
+    [
+        (tarfile.PAX_FORMAT, "w"),
+        (tarfile.GNU_FORMAT, "w:gz"),
+        (tarfile.USTAR_FORMAT, "w:bz2"),
+        (tarfile.PAX_FORMAT, "w:xz"),
+    ],
+)
 def test_tar_members_read_back_by_byte_range(tmp_path, fmt, mode):
     long_dir = "d" * 90 + "/" + "e" * 40  # beyond the 100 characters of a plain header
     members = {
@@ -126,9 +130,12 @@ def test_idx_folder_and_missing_labels(tmp_path):
     write_idx(tmp_path, "t10k", np.ones((2, 2, 2)), None, gz=False)
     listing = list_source(str(tmp_path), str(tmp_path / "scratch"))
     assert [e["key"] for e in listing.entries] == [
-        "t10k-images-idx3-ubyte/0", "t10k-images-idx3-ubyte/1",
-        "train-images-idx3-ubyte.gz/0", "train-images-idx3-ubyte.gz/1", "train-images-idx3-ubyte.gz/2",
-    ]  # fmt: skip
+        "t10k-images-idx3-ubyte/0",
+        "t10k-images-idx3-ubyte/1",
+        "train-images-idx3-ubyte.gz/0",
+        "train-images-idx3-ubyte.gz/1",
+        "train-images-idx3-ubyte.gz/2",
+    ]
     assert [e["idx_label"] for e in listing.entries] == [None, None, 0, 1, 2]
 
 

@@ -81,3 +81,50 @@ def test_existing_run_is_not_silently_overwritten(ray_local, tmp_path):
     cfg = load_config(None, TINY + [f"ray.storage_path={tmp_path}", "ray.name=taken"])
     with pytest.raises(ConfigError, match="--resume"):
         pretrain.run(cfg)
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray titles them ray::RayTrainWorker...)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_path):
+    """SIGKILL one worker process mid-run: Ray Train restarts the group, which resumes from the
+    latest checkpoint and finishes the planned steps (FailureConfig(max_failures))."""
+    import os
+    import signal
+    import threading
+    import time
+
+    overrides = TINY + [f"ray.storage_path={tmp_path}", "ray.name=crash", "train.epochs=20",
+                        "train.max_steps=60", "ray.max_failures=1", "eval.knn_every_epochs=null"]  # fmt: skip
+    run_dir = tmp_path / "crash"
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if any(run_dir.glob("checkpoint_*")) and (pids := _train_worker_pids()):
+                # Ray Train's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S):
+                # give it time to register a checkpoint, then kill.
+                time.sleep(5)
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    summary = pretrain.run(load_config(None, overrides))
+    watcher.join(timeout=1)
+    assert killed, "the run finished before a worker could be killed"
+    state = load_checkpoint(summary["run_dir"])
+    assert state["progress"]["global_step"] == 60
+    assert len(state["progress"]["resumed_from_steps"]) == 1
+    assert state["progress"]["resumed_from_steps"][0] >= 4
