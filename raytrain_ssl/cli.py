@@ -46,15 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(pretrain)
     pretrain.set_defaults(handler=_cmd_pretrain)
-    _register_optional_commands(sub)
+    _register_commands(sub)
     return parser
 
 
-def _register_optional_commands(sub) -> None:
-    try:  # TEMP-GUARD until the shards command lands
-        from raytrain_ssl.commands import shards
-    except ImportError:
-        return
+def _register_commands(sub) -> None:
+    from raytrain_ssl.commands import shards
+
     shards.register(sub)
 
 

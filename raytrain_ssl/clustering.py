@@ -335,6 +335,11 @@ def hierarchical_kmeans(
     of super-cluster c runs with seed `seed + 1 + c`, so the whole tree is a function of `seed`. A super-cluster
     with fewer than n points gets one sub-cluster per point.
 
+    With few clusters per level, random initialisation easily seeds two centroids in one true group and
+    merges two others: on the 4 x 5 blobs of tests/test_clustering.py it recovers both levels (NMI >= 0.95)
+    for 1 seed in 20 with init="random", nredo=1, and for 50 in 50 with init="random", nredo=10 or
+    init="kmeans++", nredo=5.
+
     Args:
         features: (N, d), normally the output of `pca_whiten`.
         num_super_clusters: m (N >= m).

@@ -23,7 +23,8 @@ duplicates.
 
 Bytes are kept as they are unless they must change: images in a format other than JPEG/PNG/WebP, in
 a mode other than RGB or 8-bit greyscale (CMYK, palette, alpha, 16-bit...), or larger than
---image-size are re-encoded to RGB (JPEG quality 95 if the source was a JPEG, else lossless PNG).
+--image-size are re-encoded (to RGB, or 8-bit greyscale for greyscale sources; JPEG quality 95 if the
+source was a JPEG, else lossless PNG). idx records are stored as greyscale PNGs.
 
 Labels (--labels-from-folders): the first folder below the split's root names the class, as in
 torchvision's ImageFolder (root = SRC, --subdir or --holdout-folder); images directly in the root
@@ -31,7 +32,8 @@ are unlabeled. Labels index the sorted class names, listed as `classes` in the m
 by both splits.
 
 Evaluation split: images under --holdout-folder, or whose ids are listed in --holdout-ids, are
-written to OUT_DIR/heldout/ (its own shards and manifest) instead of OUT_DIR/. A training image that
+written to OUT_DIR/heldout/ (its own shards and manifest) instead of OUT_DIR/. Ids are those of the
+shards' id column: the path below SRC, the tar member name, or idx:<file>:<index>. A training image that
 duplicates a held-out one is dropped, so held-out images never leak into training. For idx
 sources each idx file counts as a folder. Alternatively run the command once per split folder with
 --subdir; class indices then agree only if every split has every class.
@@ -84,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=256.0,
         metavar="MB",
-        help="image bytes per shard (default 256; a few hundred MB reads well)",
+        help="image bytes per shard (default 256)",
     )
     parser.add_argument(
         "--image-size",
@@ -98,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         default=None,
-        help="reject images declaring more pixels, as decompression bombs (default 64,000,000)",
+        help="reject images declaring more pixels, as decompression bombs "
+        "(default 64,000,000; PIL's own limit of about 89M applies too)",
     )
     parser.add_argument(
         "--min-size",
@@ -138,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             min_size=args.min_size,
             num_tasks=args.num_tasks,
             overwrite=args.overwrite,
-            **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
+            **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}),
         )
         summary = write_shards(args.src, args.out_dir, options)
     except (SourceError, IngestError) as exc:

@@ -14,8 +14,9 @@ The job, in four steps:
    cluster.
 
 Bytes are kept as they are unless they must change: formats other than JPEG/PNG/WebP, modes other
-than RGB/L (CMYK, palette, alpha, 16-bit, ...), and images above `image_size` are re-encoded (JPEG
-quality 95 when the source was a JPEG, lossless PNG otherwise). idx records become PNGs.
+than RGB/L (CMYK, palette, alpha, 16-bit, ...), and images above `image_size` are re-encoded to RGB, or
+to L for greyscale sources (JPEG quality 95 when the source was a JPEG, lossless PNG otherwise). idx
+records become greyscale PNGs.
 """
 
 from __future__ import annotations
@@ -423,9 +424,9 @@ def _write_manifest(fs: pafs.FileSystem, directory: str, report: SplitReport, ex
         "num_reencoded": report.num_reencoded,
         "shards": report.shards,
         "num_duplicates": len(report.duplicates),
-        "duplicates": report.duplicates,
+        "duplicates": sorted(report.duplicates, key=lambda d: d["path"]),
         "num_rejected": len(report.rejected),
-        "rejected": report.rejected,
+        "rejected": sorted(report.rejected, key=lambda r: r["path"]),
     }
     fs.create_dir(directory, recursive=True)
     with fs.open_output_stream(posixpath.join(directory, MANIFEST_NAME), compression=None) as out:

@@ -19,6 +19,7 @@ import torch
 
 from raytrain_ssl.data.augment import eval_transform, finetune_transform, simclr_view_transform
 from raytrain_ssl.data.decode import BadImageError, decode_rgb
+from raytrain_ssl.data.schema import SHARD_GLOB
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def parquet_files(path: str) -> list[str]:
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"shard directory not found: {root}")
-    files = sorted(str(p) for p in root.rglob("*.parquet")) if root.is_dir() else [str(root)]
+    # Not recursive: `OUT_DIR/heldout/` holds the held-out split's shards, which training must not read.
+    files = sorted(str(p) for p in root.glob(SHARD_GLOB)) if root.is_dir() else [str(root)]
     if not files:
         raise FileNotFoundError(f"no .parquet shards under {root}")
     return files

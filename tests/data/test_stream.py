@@ -1,0 +1,72 @@
+"""Decode + augmentation functions of the training stream, and the builtin digits shards."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from raytrain_ssl.data.builtin import materialize_builtin
+from raytrain_ssl.data.schema import SHARD_SCHEMA
+from raytrain_ssl.data.stream import ViewSpec, count_rows, has_labels, labeled_batch_fn, two_view_batch_fn
+
+
+def _png(size=(20, 12), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color=128 if mode == "L" else (200, 30, 60)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_two_views_are_uint8_random_and_bad_images_are_logged_skips(caplog):
+    batch = {
+        "image": np.array([_png(), b"not an image", _png(mode="L"), b""], dtype=object),
+        "id": np.array(["good.png", "bad.jpg", "grey.png", "empty.png"], dtype=object),
+    }
+    fn = two_view_batch_fn(ViewSpec(image_size=16, min_crop_scale=0.2))
+    with caplog.at_level(logging.WARNING):
+        out = fn(batch)
+    assert out["view1"].shape == (2, 3, 16, 16) and out["view1"].dtype == np.uint8
+    assert out["view2"].shape == (2, 3, 16, 16)
+    messages = " | ".join(r.getMessage() for r in caplog.records)
+    assert "bad.jpg" in messages and "empty.png" in messages and "good.png" not in messages
+
+
+def test_all_bad_batch_gives_empty_arrays():
+    out = two_view_batch_fn(ViewSpec(image_size=8))({"image": np.array([b"x"], dtype=object), "id": np.array(["a"])})
+    assert out["view1"].shape == (0, 3, 8, 8)
+
+
+def test_labeled_fn_keeps_labels_aligned_and_drops_unlabeled():
+    batch = {
+        "image": np.array([_png(), b"broken", _png(), _png()], dtype=object),
+        "id": np.array(["a", "b", "c", "d"], dtype=object),
+        "label": np.array([3, 4, None, 7], dtype=object),
+    }
+    out = labeled_batch_fn(ViewSpec(image_size=12), train=False)(batch)
+    assert out["image"].shape == (2, 3, 12, 12)
+    assert out["label"].tolist() == [3, 7]
+
+
+def test_eval_view_is_deterministic():
+    batch = {"image": np.array([_png((40, 30))], dtype=object), "id": np.array(["a"]), "label": np.array([1])}
+    fn = labeled_batch_fn(ViewSpec(image_size=16), train=False)
+    np.testing.assert_array_equal(fn(batch)["image"], fn(batch)["image"])
+
+
+def test_builtin_digits_split_is_stratified_and_in_shard_format(tmp_path):
+    splits = materialize_builtin("builtin:digits", tmp_path)
+    assert count_rows(str(splits["train"])) + count_rows(str(splits["test"])) == 1797
+    assert has_labels(str(splits["test"]))
+    table = pq.read_table(sorted(splits["test"].glob("*.parquet"))[0])
+    assert table.schema.equals(SHARD_SCHEMA, check_metadata=False)
+    test_labels = np.concatenate([pq.read_table(f).column("label").to_numpy() for f in splits["test"].glob("*.parquet")])
+    counts = np.bincount(test_labels, minlength=10)
+    assert counts.min() >= 30 and counts.max() - counts.min() <= 3  # ~20% of each class
+    ids = set()
+    for split in splits.values():
+        for f in split.glob("*.parquet"):
+            ids |= set(pq.read_table(f).column("id").to_pylist())
+    assert len(ids) == 1797  # no image in both splits
