@@ -8,45 +8,16 @@ applied locally (BN weight/bias) get dL_r/dθ on rank r; DDP averages them, (1/W
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as torch_dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from raytrain_ssl import dist
 from raytrain_ssl.dist import GlobalBatchNorm, convert_to_global_batchnorm
 
-WORLD_SIZE = 2
-
-
-# -- 2-process gloo harness -----------------------------------------------------------------------
-# Copied in test_losses.py and test_negative_queue.py: test files do not import each other here (no
-# tests/__init__.py). Spawned children unpickle `fn` by module name, so it must be a module-level function.
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bootstrap(rank: int, port: int, fn, args: tuple) -> None:
-    torch.set_num_threads(1)  # 2 processes on 2 cores
-    torch_dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
-    )
-    try:
-        fn(rank, *args)
-    finally:
-        torch_dist.destroy_process_group()
-
-
-def run_on_two_ranks(fn, *args) -> None:
-    """Run fn(rank, *args) on 2 gloo processes; an assertion failing on any rank fails the test."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_bootstrap, args=(_free_port(), fn, args), nprocs=WORLD_SIZE, join=True)
+from gloo_ranks import run_on_two_ranks  # tests/ is on sys.path under pytest
 
 
 def _close(a, b, atol=1e-5, rtol=1e-4, what=""):

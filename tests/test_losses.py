@@ -7,13 +7,10 @@ parameter gradients with one process on the whole batch, with no correction fact
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as torch_dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -22,30 +19,7 @@ from raytrain_ssl import dist
 from raytrain_ssl.dist import convert_to_global_batchnorm
 from raytrain_ssl.losses import distillation_loss, nt_xent
 
-WORLD_SIZE = 2
-
-
-# -- 2-process gloo harness (same as tests/test_dist.py) -------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bootstrap(rank: int, port: int, fn, args: tuple) -> None:
-    torch.set_num_threads(1)
-    torch_dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
-    )
-    try:
-        fn(rank, *args)
-    finally:
-        torch_dist.destroy_process_group()
-
-
-def run_on_two_ranks(fn, *args) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_bootstrap, args=(_free_port(), fn, args), nprocs=WORLD_SIZE, join=True)
+from gloo_ranks import run_on_two_ranks  # tests/ is on sys.path under pytest
 
 
 # -- naive reference -------------------------------------------------------------------------------

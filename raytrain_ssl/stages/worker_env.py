@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from raytrain_ssl import dist
 
 
 @dataclass(frozen=True)
