@@ -11,9 +11,26 @@ import logging
 import os
 import sys
 
-from raytrain_ssl.config import ConfigError, PretrainConfig, config_to_yaml, describe_options, load_config
+from raytrain_ssl.config import STAGE_CONFIGS, ConfigError, config_to_yaml, describe_options, load_config
 
 EPILOG_OVERRIDES = "Overrides are key=value with dotted keys, e.g. train.epochs=5 optim.name=sgd ray.num_workers=1."
+STAGES = {
+    "pretrain": (
+        "contrastive pretraining of a ResNet without labels",
+        "Contrastive SimCLRv2 pretraining on Ray Train workers (DDP, global BatchNorm, LARS).",
+    ),
+    "finetune": (
+        "fine-tune a pretrained model on a label fraction (or train the supervised baseline)",
+        "SimCLRv2 fine-tuning from projection-head layer k with a new linear classifier, on a class-balanced\n"
+        "label fraction or a subset file; without `pretrained` the supervised baseline from scratch.\n"
+        "  raytrain-ssl finetune CONFIG pretrained=RUN_DIR label_fraction=0.1",
+    ),
+    "distill": (
+        "distil a fine-tuned teacher into a student on unlabeled images",
+        "SimCLRv2 distillation: the frozen teacher's softened predictions teach the student.\n"
+        "  raytrain-ssl distill CONFIG teacher=FINETUNE_RUN_DIR student=r18_1x_sk0",
+    ),
+}
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,25 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `raytrain-ssl <command> --help` for the options of each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
-    pretrain = sub.add_parser(
-        "pretrain",
-        help="contrastive pretraining of a ResNet without labels",
-        description="Contrastive SimCLRv2 pretraining on Ray Train workers (DDP, global BatchNorm, LARS).\n"
-        + EPILOG_OVERRIDES
-        + "\n\nConfig keys:\n"
-        + "\n".join(describe_options(PretrainConfig)),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_run_arguments(pretrain)
-    pretrain.set_defaults(handler=_cmd_pretrain)
+    for stage, (summary, description) in STAGES.items():
+        cls = STAGE_CONFIGS[stage]
+        aliases = getattr(cls, "ALIASES", {})
+        alias_text = ("\nShort keys: " + ", ".join(f"{a}= means {k}=" for a, k in aliases.items())) if aliases else ""
+        stage_parser = sub.add_parser(
+            stage,
+            help=summary,
+            description=description + "\n" + EPILOG_OVERRIDES + alias_text + "\n\nConfig keys:\n"
+            + "\n".join(describe_options(cls)),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_run_arguments(stage_parser)
+        stage_parser.set_defaults(handler=_cmd_stage, stage=stage)
     _register_commands(sub)
     return parser
 
 
 def _register_commands(sub) -> None:
-    from raytrain_ssl.commands import shards
+    from raytrain_ssl.commands import evaluate, pipeline, shards
 
     shards.register(sub)
+    evaluate.register(sub)
+    pipeline.register(sub)
 
 
 def _resolve_config(args, stage: str):
@@ -76,14 +97,15 @@ def _resolve_config(args, stage: str):
     return load_config(config_file, overrides, stage=stage)
 
 
-def _cmd_pretrain(args) -> int:
-    cfg = _resolve_config(args, "pretrain")
+def _cmd_stage(args) -> int:
+    import importlib
+
+    cfg = _resolve_config(args, args.stage)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    from raytrain_ssl.stages import pretrain
-
-    summary = pretrain.run(cfg, resume=bool(args.resume))
+    stage = importlib.import_module(f"raytrain_ssl.stages.{args.stage}")
+    summary = stage.run(cfg, resume=bool(args.resume))
     _print_summary(summary)
     return 0
 
@@ -91,6 +113,8 @@ def _cmd_pretrain(args) -> int:
 def _print_summary(summary: dict) -> None:
     metrics = summary["metrics"]
     print(json.dumps(summary, indent=2))
+    if "val_top1" in metrics:
+        print(f"validation top-1 accuracy: {100 * metrics['val_top1']:.2f}% (top-5 {100 * metrics['val_top5']:.2f}%)")
     if "knn_top1" in metrics:
         print(f"kNN top-1 accuracy: {100 * metrics['knn_top1']:.2f}% (top-5 {100 * metrics['knn_top5']:.2f}%)")
     print(f"run directory: {summary['run_dir']}   (tensorboard --logdir {summary['run_dir']})")

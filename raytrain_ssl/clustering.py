@@ -23,7 +23,6 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import normalized_mutual_info_score
 from torch import Tensor
 
 # Relative size of the perturbation that separates a re-split centroid from its donor (faiss's own
@@ -139,6 +138,15 @@ class KMeansResult:
 
 def _faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def use_faiss_gpu(worker_on_gpu: bool) -> bool:
+    """Where a training worker should run k-means: on its GPU when it has one and faiss can use it (faiss-gpu
+    installed: `StandardGpuResources` exists and `get_num_gpus() > 0`), on the CPU with faiss-cpu otherwise.
+
+    A CPU worker stays on the CPU even on a GPU node: its GPUs belong to other workers (Ray hides them from
+    it through CUDA_VISIBLE_DEVICES anyway)."""
+    return worker_on_gpu and _faiss_gpu_available()
 
 
 def _resolve_use_gpu(use_gpu: bool | None) -> bool:
@@ -406,7 +414,13 @@ def deepercluster_targets(
     return super_labels * num_rotations + rotation, sub_labels.clone()
 
 
-def deepercluster_loss(super_logits: Tensor, sub_logits: Tensor, super_target: Tensor, sub_target: Tensor) -> Tensor:
+def deepercluster_loss(
+    super_logits: Tensor,
+    sub_logits: Tensor,
+    super_target: Tensor,
+    sub_target: Tensor,
+    weights: Tensor | None = None,
+) -> Tensor:
     """DeeperCluster's loss: cross-entropy on the super-class plus cross-entropy on the sub-class within it.
 
     The paper (eq. 4-5) trains a convnet f with a super-class head V and one sub-class head W_s per super-class:
@@ -424,6 +438,10 @@ def deepercluster_loss(super_logits: Tensor, sub_logits: Tensor, super_target: T
         super_logits: (N, m * num_rotations).
         sub_logits: (N, n) logits of each sample's own sub-class head.
         super_target, sub_target: (N,) int64 from `deepercluster_targets`.
+        weights: optional (N,) non-negative per-sample weights; both terms become weighted means
+            sum(w * l) / sum(w) (0 when every weight is 0). DeepCluster samples images uniformly over the
+            pseudo-labels, which equals weighting each image by the inverse size of its cluster; a weight of 0
+            drops a sample (one without a pseudo-label) while keeping the batch shape.
 
     Returns:
         scalar loss.
@@ -433,7 +451,14 @@ def deepercluster_loss(super_logits: Tensor, sub_logits: Tensor, super_target: T
             f"logits must be (N, classes) with the same N, got {tuple(super_logits.shape)} and "
             f"{tuple(sub_logits.shape)}"
         )
-    return F.cross_entropy(super_logits.float(), super_target) + F.cross_entropy(sub_logits.float(), sub_target)
+    if weights is None:
+        return F.cross_entropy(super_logits.float(), super_target) + F.cross_entropy(sub_logits.float(), sub_target)
+    per_sample = F.cross_entropy(super_logits.float(), super_target, reduction="none") + F.cross_entropy(
+        sub_logits.float(), sub_target, reduction="none"
+    )
+    weights = weights.to(per_sample.dtype)
+    # clamp: a batch whose samples all have weight 0 gives a loss of 0 (and zero gradients), not NaN.
+    return (weights * per_sample).sum() / weights.sum().clamp_min(torch.finfo(per_sample.dtype).tiny)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -450,8 +475,8 @@ def assignment_stats(
 
     Keys: cluster_size_min / _max / _mean (over the num_clusters clusters, empty ones included),
     num_empty_clusters; nmi_previous (NMI between `previous` and `current`: how much the pseudo-labels moved
-    since the last epoch, DeepCluster's stability curve) when `previous` is given; nmi_labels (NMI against the
-    true labels) when `labels` is given.
+    since the last epoch, DeepCluster's stability curve) and fraction_changed (`fraction_changed`) when
+    `previous` is given; nmi_labels (NMI against the true labels) when `labels` is given.
 
     Args:
         previous: (N,) assignments of the previous epoch, None on the first.
@@ -459,6 +484,9 @@ def assignment_stats(
         labels: (N,) ground-truth classes, when known.
         num_clusters: k; None takes max(current) + 1 (then trailing empty clusters go unseen).
     """
+    # Imported here: scikit-learn costs seconds to import, and processes that only cluster never need it.
+    from sklearn.metrics import normalized_mutual_info_score
+
     current = np.asarray(current, dtype=np.int64)
     if num_clusters is None:
         num_clusters = int(current.max()) + 1 if current.size else 0
@@ -471,6 +499,32 @@ def assignment_stats(
     }
     if previous is not None:
         stats["nmi_previous"] = float(normalized_mutual_info_score(np.asarray(previous), current))
+        stats["fraction_changed"] = fraction_changed(previous, current)
     if labels is not None:
         stats["nmi_labels"] = float(normalized_mutual_info_score(np.asarray(labels), current))
     return stats
+
+
+def fraction_changed(previous: np.ndarray, current: np.ndarray) -> float:
+    """Share of images that changed cluster between two clusterings of the same images.
+
+    Cluster indices are arbitrary in every round, so clusters are matched first: each current cluster is
+    identified with the previous cluster most of its members came from, and an image has changed when its
+    previous cluster is not that one. A cluster split in two therefore counts as unchanged (each half keeps
+    its majority); a cluster whose members scatter counts as changed. Majority matching, unlike a one-to-one
+    (Hungarian) matching, scales to DeeperCluster's hundreds of thousands of clusters: one sparse contingency
+    table.
+    """
+    from scipy.sparse import coo_matrix
+
+    previous = np.asarray(previous, dtype=np.int64)
+    current = np.asarray(current, dtype=np.int64)
+    if previous.shape != current.shape:
+        raise ValueError(f"previous and current must have the same shape, got {previous.shape} and {current.shape}")
+    if current.size == 0:
+        return 0.0
+    ones = np.ones(current.size, dtype=np.int64)
+    # duplicate (current, previous) pairs are summed when converted to CSR: the contingency table.
+    table = coo_matrix((ones, (current, previous))).tocsr()
+    kept = int(np.asarray(table.max(axis=1).todense()).sum())
+    return 1.0 - kept / current.size

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -90,6 +90,27 @@ class ContrastiveSection(Section):
     )
 
 
+class DeeperClusterSection(Section):
+    """method: deepercluster (Caron et al. 2019). DeepCluster: num_rotations=1, num_super_clusters=1
+    (k = num_sub_clusters). RotNet: num_super_clusters=1, num_sub_clusters=1 (no clustering at all)."""
+
+    num_super_clusters: int = Field(4, gt=0, description="m: clusters of the first k-means level")
+    num_sub_clusters: int = Field(
+        250, gt=0, description="n: sub-clusters inside each super-cluster (k = m*n clusters in all)"
+    )
+    num_rotations: Literal[1, 4] = Field(
+        4, description="4: predict the 0/90/180/270 degree rotation with the super-cluster (4m classes); 1: off"
+    )
+    recluster_every_epochs: int = Field(3, gt=0, description="new pseudo-labels every N epochs (paper: 3)")
+    pca_dim: int = Field(256, gt=0, description="PCA-whitening dimension before k-means (capped at the feature width)")
+    kmeans_iterations: int = Field(10, gt=0, description="Lloyd iterations per k-means (paper: 10)")
+    kmeans_init: Literal["random", "kmeans++"] = Field("random", description="k-means initialisation")
+    kmeans_restarts: int = Field(1, gt=0, description="k-means runs per level, the lowest objective kept")
+    balance_clusters: bool = Field(
+        True, description="weight images by inverse cluster size (DeepCluster's uniform sampling over pseudo-labels)"
+    )
+
+
 class TrainSection(Section):
     epochs: int = Field(100, gt=0)
     global_batch_size: int = Field(256, gt=0, description="over all workers; must divide by ray.num_workers")
@@ -130,12 +151,13 @@ class RaySection(Section):
 
 class PretrainConfig(Section):
     stage: Literal["pretrain"] = "pretrain"
-    method: Literal["simclr"] = "simclr"
+    method: Literal["simclr", "deepercluster"] = "simclr"
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     augment: AugmentSection = AugmentSection()
     optim: OptimSection = OptimSection()
     contrastive: ContrastiveSection = ContrastiveSection()
+    deepercluster: DeeperClusterSection = DeeperClusterSection()
     train: TrainSection = TrainSection()
     checkpoint: CheckpointSection = CheckpointSection()
     eval: EvalSection = EvalSection()
@@ -166,7 +188,144 @@ class PretrainConfig(Section):
         return self.data.image_size > 64 if blur is None else blur
 
 
-STAGE_CONFIGS: dict[str, type[Section]] = {"pretrain": PretrainConfig}
+# ------------------------------------------------------------------------------- fine-tune and distill
+# Stage-specific defaults live in subclasses, so a partial `optim:` block in a YAML file keeps the
+# stage's defaults for the keys it does not name (a default *instance* would be replaced whole).
+
+
+class FinetuneOptimSection(OptimSection):
+    """SimCLRv2 fine-tuning: LARS, lr 0.005*sqrt(B) (0.16 at B=1024), no weight decay, no warmup."""
+
+    base_learning_rate: float = Field(0.005, gt=0, description="before scaling with the global batch")
+    learning_rate_scaling: Literal["linear", "sqrt"] = Field("sqrt", description="sqrt: base*sqrt(B)")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0, ge=0)
+
+
+class DistillOptimSection(OptimSection):
+    """SimCLRv2 distillation trains the student like pretraining: LARS, linear scaling, short warmup."""
+
+    base_learning_rate: float = Field(0.3, gt=0, description="before scaling with the global batch")
+    weight_decay: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(5, ge=0)
+
+
+class ClassifierTrainSection(TrainSection):
+    epochs: int = Field(60, gt=0, description="SimCLRv2: 60 epochs at 1% labels, 30 at 10%")
+    global_batch_size: int = Field(
+        256, gt=0, description="over all workers; lowered to the labeled-subset size when larger"
+    )
+
+
+class DistillTrainSection(ClassifierTrainSection):
+    epochs: int = Field(100, gt=0, description="passes over the unlabeled images")
+
+
+class ClassifierEvalSection(Section):
+    every_epochs: int | None = Field(
+        5, gt=0, description="top-1/top-5 on data.val every N epochs, and always at the end (None: end only)"
+    )
+
+
+class FinetuneSection(Section):
+    pretrained: str | None = Field(
+        None, description="pretrain run directory or checkpoint (None: train from scratch, the supervised baseline)"
+    )
+    head_layer: int = Field(1, ge=0, description="keep projection-head layers 1..k (SimCLRv2: 1; 0: none)")
+    label_fraction: float | None = Field(
+        None, gt=0, le=1, description="class-balanced fraction of labeled images (None: all, or label_subset)"
+    )
+    label_subset: str | None = Field(None, description="file of image ids to train on (overrides label_fraction)")
+    subset_seed: int = Field(0, description="seed of the class-balanced subset draw")
+
+    @model_validator(mode="after")
+    def _one_subset(self) -> "FinetuneSection":
+        if self.label_fraction is not None and self.label_subset is not None:
+            raise ValueError("give finetune.label_fraction or finetune.label_subset, not both")
+        return self
+
+
+class DistillSection(Section):
+    teacher: str | None = Field(None, description="fine-tune run directory or checkpoint of the teacher (required)")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T of teacher and student (SimCLRv2: 1)")
+    labeled_weight: float = Field(
+        0.0, ge=0, le=1, description="weight of the labeled cross-entropy on the teacher's labeled subset (0: off)"
+    )
+    init: str | None = Field(None, description="initialise the student from this run/checkpoint (None: scratch)")
+
+
+class StageConfig(Section):
+    """What fine-tune and distill share with pretraining: model, data, optimiser, training, Ray."""
+
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    augment: AugmentSection = AugmentSection()
+    train: ClassifierTrainSection = ClassifierTrainSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    eval: ClassifierEvalSection = ClassifierEvalSection()
+    ray: RaySection = RaySection()
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        _check_batch_divides(self.train.global_batch_size, self.ray.num_workers)
+        return self
+
+    @property
+    def batch_size_per_worker(self) -> int:
+        return self.train.global_batch_size // self.ray.num_workers
+
+    @property
+    def use_small_image_stem(self) -> bool:
+        stem = self.model.small_image_stem
+        return self.data.image_size <= 64 if stem is None else stem
+
+
+class FinetuneConfig(StageConfig):
+    """Fine-tune a pretrained encoder (+ head layers 1..k) with a new linear classifier on labeled images."""
+
+    ALIASES: ClassVar[dict[str, str]] = {
+        "pretrained": "finetune.pretrained",
+        "head_layer": "finetune.head_layer",
+        "label_fraction": "finetune.label_fraction",
+        "label_subset": "finetune.label_subset",
+    }
+    stage: Literal["finetune"] = "finetune"
+    finetune: FinetuneSection = FinetuneSection()
+    optim: FinetuneOptimSection = FinetuneOptimSection()
+
+
+class DistillConfig(StageConfig):
+    """Distil a fine-tuned teacher into a student (model.name) on unlabeled images."""
+
+    ALIASES: ClassVar[dict[str, str]] = {
+        "teacher": "distill.teacher",
+        "student": "model.name",
+        "init": "distill.init",
+    }
+    stage: Literal["distill"] = "distill"
+    distill: DistillSection = DistillSection()
+    optim: DistillOptimSection = DistillOptimSection()
+    train: DistillTrainSection = DistillTrainSection()
+
+    @model_validator(mode="after")
+    def _needs_teacher(self) -> "DistillConfig":
+        if not self.distill.teacher:
+            raise ValueError("distill.teacher is required: a fine-tune run directory (teacher=RUN_DIR)")
+        return self
+
+
+def _check_batch_divides(global_batch_size: int, num_workers: int) -> None:
+    if global_batch_size % num_workers:
+        raise ValueError(
+            f"train.global_batch_size={global_batch_size} must be a multiple of ray.num_workers={num_workers}"
+        )
+
+
+STAGE_CONFIGS: dict[str, type[Section]] = {
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "distill": DistillConfig,
+}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -202,8 +361,11 @@ def _deep_copy(raw: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), stage: str = "pretrain"):
-    """Load, override and validate a run config; raises ConfigError with one line on any problem."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), stage: str | None = None):
+    """Load, override and validate a run config; raises ConfigError with one line on any problem.
+
+    `stage` is the command's stage (None: the file's `stage:`, else pretrain); a file for another stage
+    is an error rather than a silently different run."""
     raw: dict = {}
     if path is not None:
         file = Path(path)
@@ -215,11 +377,24 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), stage
             raise ConfigError(f"{file}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{file}: the top level must be a mapping of sections")
-    raw = apply_overrides(raw, list(overrides))
-    stage = raw.get("stage", stage)
+    file_stage = raw.get("stage")
+    if stage is not None and file_stage is not None and file_stage != stage:
+        raise ConfigError(f"stage: this command runs '{stage}' but {path} is a '{file_stage}' config")
+    stage = stage or file_stage or "pretrain"
     if stage not in STAGE_CONFIGS:
         raise ConfigError(f"stage: '{stage}' is not one of {sorted(STAGE_CONFIGS)}")
-    return validate(STAGE_CONFIGS[stage], raw)
+    cls = STAGE_CONFIGS[stage]
+    raw = apply_overrides(raw, [expand_alias(text, cls) for text in overrides])
+    if raw.get("stage", stage) != stage:
+        raise ConfigError(f"stage: this command runs '{stage}', the config says '{raw['stage']}'")
+    return validate(cls, raw)
+
+
+def expand_alias(text: str, cls: type[Section]) -> str:
+    """`pretrained=DIR` -> `finetune.pretrained=DIR`: the short forms each stage documents."""
+    key, sep, value = text.partition("=")
+    aliases = getattr(cls, "ALIASES", {})
+    return f"{aliases[key]}{sep}{value}" if key in aliases else text
 
 
 def validate(cls: type[Section], raw: dict):

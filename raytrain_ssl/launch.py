@@ -91,8 +91,14 @@ def check_resources(ray_cfg: RaySection) -> None:
 
 def resolve_run_paths(ray_cfg: RaySection, stage: str) -> RunPaths:
     storage = ray_cfg.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
+    if "://" in storage:
+        # Ray Train would put checkpoints on the URI, but config.yaml, result.json, TensorBoard and builtin
+        # datasets go through pathlib, which turns s3://b/x into a local directory "s3:/b/x": refuse, loudly.
+        raise ConfigError(
+            f"config error: ray.storage_path={storage}: URIs are not supported yet; use a directory every "
+            "node mounts (e.g. EFS at /mnt/efs, see docs/cluster.md)"
+        )
+    storage = str(Path(storage).expanduser().resolve())
     name = ray_cfg.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     return RunPaths(storage_path=storage, name=name)
 
@@ -129,6 +135,8 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raytrain_ssl.data.train_ingest import ExactEvalDataConfig
+
     ray_cfg = cfg.ray
     resources = {"CPU": ray_cfg.cpus_per_worker}
     if ray_cfg.gpus_per_worker:
@@ -148,6 +156,30 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
         ),
         datasets=datasets,
-        # Every dataset is split across workers (equal=True: same number of rows each, so DDP steps match).
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        dataset_config=ExactEvalDataConfig(),  # training streams equal per worker, evaluation streams exact
     )
+
+
+
+def refuse_existing_run(run_dir: Path, resume: bool) -> None:
+    """A fresh run must not silently continue (Ray Train V2 resumes any run dir that has checkpoints)."""
+    if not resume and run_dir.exists() and any(run_dir.glob("checkpoint_*")):
+        raise ConfigError(
+            f"run directory {run_dir} already has checkpoints: pass --resume {run_dir} "
+            "to continue it, or choose another ray.name"
+        )
+
+
+def fit_and_record(trainer, run_dir: Path, extra: dict | None = None) -> dict:
+    """Run the trainer; write `result.json` (final metrics, checkpoint path, stage facts) and return it."""
+    import json
+
+    result = trainer.fit()
+    summary = {
+        "run_dir": str(run_dir),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
+        **(extra or {}),
+    }
+    (run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2))
+    return summary

@@ -92,13 +92,14 @@ def _one_direction(
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """SimCLRv2 distillation (Chen et al. 2020, arXiv 2006.10029, eq. 3) with Hinton's T^2 scaling.
 
-    T^2 * mean_i CE(softmax(teacher_i / T), log_softmax(student_i / T)); logits are (N, num_classes), the
-    teacher is detached. This is a cross-entropy, not a KL divergence: it does not vanish when the student
-    equals the teacher (it equals T^2 * the teacher's entropy there), but its gradient w.r.t. the student
-    does, which is all the optimiser sees. The T^2 keeps gradient magnitudes independent of T.
+    The paper writes T^2 * mean_i CE(softmax(teacher_i / T), log_softmax(student_i / T)). This returns
+    T^2 * mean_i KL(teacher_i || student_i), which is that cross-entropy minus the teacher's entropy: a
+    constant for the student, so the gradients are identical, and the value reads as a distance (0 when the
+    student equals the teacher). Logits are (N, num_classes); the teacher is detached.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    teacher_probs = F.softmax(teacher_logits.detach().float() / temperature, dim=1)
+    teacher_log_probs = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=1)
-    return -(teacher_probs * student_log_probs).sum(dim=1).mean() * temperature**2
+    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
+    return kl * temperature**2

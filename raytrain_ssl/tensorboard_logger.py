@@ -25,6 +25,9 @@ class NullLogger:
     def text(self, tag: str, text: str, step: int = 0) -> None:
         pass
 
+    def histogram(self, tag: str, values, step: int) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -57,6 +60,10 @@ class TensorBoardLogger(NullLogger):
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         self.writer.add_text(tag, text, step)
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        """`values`: a numpy array or tensor of numbers (e.g. cluster sizes)."""
+        self.writer.add_histogram(tag, values, step)
 
     def flush(self) -> None:
         self.writer.flush()

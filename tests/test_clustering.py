@@ -14,9 +14,11 @@ from raytrain_ssl.clustering import (
     assignment_stats,
     deepercluster_loss,
     deepercluster_targets,
+    fraction_changed,
     hierarchical_kmeans,
     kmeans,
     pca_whiten,
+    use_faiss_gpu,
 )
 
 
@@ -231,6 +233,31 @@ def test_deepercluster_loss_gradient_reaches_both_heads():
         deepercluster_loss(super_logits, sub_logits[:5], torch.zeros(6, dtype=torch.long), torch.zeros(5).long())
 
 
+def test_deepercluster_loss_weights():
+    generator = torch.Generator().manual_seed(1)
+    super_logits, sub_logits = torch.randn(5, 8, generator=generator), torch.randn(5, 3, generator=generator)
+    super_target, sub_target = torch.tensor([0, 7, 3, 3, 1]), torch.tensor([2, 0, 1, 1, 0])
+    plain = deepercluster_loss(super_logits, sub_logits, super_target, sub_target)
+
+    ones = deepercluster_loss(super_logits, sub_logits, super_target, sub_target, torch.full((5,), 2.0))
+    assert ones.item() == pytest.approx(plain.item(), rel=1e-6)  # a constant weight changes nothing
+    # weight 0 drops a sample exactly
+    dropped = deepercluster_loss(super_logits, sub_logits, super_target, sub_target, torch.tensor([1.0, 1, 0, 1, 1]))
+    keep = [0, 1, 3, 4]
+    expected = deepercluster_loss(super_logits[keep], sub_logits[keep], super_target[keep], sub_target[keep])
+    assert dropped.item() == pytest.approx(expected.item(), rel=1e-6)
+    # weight 3 on a sample counts it three times
+    tripled = deepercluster_loss(super_logits, sub_logits, super_target, sub_target, torch.tensor([3.0, 1, 1, 1, 1]))
+    rows = [0, 0, 0, 1, 2, 3, 4]
+    expected = deepercluster_loss(super_logits[rows], sub_logits[rows], super_target[rows], sub_target[rows])
+    assert tripled.item() == pytest.approx(expected.item(), rel=1e-6)
+    # a batch without any weighted sample: 0 and finite gradients, not NaN
+    logits = super_logits.clone().requires_grad_()
+    nothing = deepercluster_loss(logits, sub_logits, super_target, sub_target, torch.zeros(5))
+    nothing.backward()
+    assert nothing.item() == 0.0 and torch.isfinite(logits.grad).all()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # assignment_stats
 
@@ -245,8 +272,32 @@ def test_assignment_stats():
     assert stats["cluster_size_min"] == 0.0 and stats["cluster_size_max"] == 2.0
     assert stats["cluster_size_mean"] == 1.5 and stats["num_empty_clusters"] == 1.0
     assert stats["nmi_previous"] == pytest.approx(1.0)
+    assert stats["fraction_changed"] == 0.0  # renamed clusters are matched, not counted as moves
     assert stats["nmi_labels"] == pytest.approx(normalized_mutual_info_score(labels, current))
 
     first_epoch = assignment_stats(None, current)
     assert "nmi_previous" not in first_epoch and "nmi_labels" not in first_epoch
     assert first_epoch["num_empty_clusters"] == 0.0
+
+
+
+def test_fraction_changed_matches_clusters_by_majority():
+    previous = np.array([0, 0, 0, 1, 1, 1])
+    # current cluster 0 = two of previous 0; current 1 = previous 0's third image + all of previous 1
+    current = np.array([5, 5, 1, 1, 1, 1])
+    assert fraction_changed(previous, current) == pytest.approx(1 / 6)
+    assert fraction_changed(previous, previous + 10) == 0.0
+    # a split keeps each half with its majority: nothing counted as changed
+    assert fraction_changed(np.zeros(4, dtype=int), np.array([0, 0, 1, 1])) == 0.0
+    # everything scattered: each current cluster keeps 1 of its 2 members
+    assert fraction_changed(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="same shape"):
+        fraction_changed(previous, current[:5])
+
+
+def test_faiss_runs_on_the_cpu_for_cpu_workers():
+    import faiss
+
+    assert use_faiss_gpu(worker_on_gpu=False) is False
+    has_gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    assert use_faiss_gpu(worker_on_gpu=True) is has_gpu_faiss

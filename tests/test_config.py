@@ -11,8 +11,35 @@ EXPERIMENTS = sorted((Path(__file__).parents[1] / "experiments").rglob("*.yaml")
 def test_every_shipped_config_loads(path):
     if "sweeps" in path.parts:
         pytest.skip("sweep files have their own schema")
+    import yaml
+
+    if yaml.safe_load(path.read_text()).get("stage") == "pipeline":
+        from raytrain_ssl.stages.pipeline import load_pipeline, plan
+
+        steps = plan(load_pipeline(path, []))  # builds and validates every step's stage config
+        assert steps[0].stage == "pretrain" and len(steps) > 1
+        return
     cfg = load_config(path)
     assert cfg.stage
+
+
+def test_stage_aliases_and_stage_mismatch():
+    cfg = load_config(None, ["pretrained=/runs/p", "label_fraction=0.1", "head_layer=2"], stage="finetune")
+    assert (cfg.finetune.pretrained, cfg.finetune.label_fraction, cfg.finetune.head_layer) == ("/runs/p", 0.1, 2)
+    assert cfg.optim.learning_rate_scaling == "sqrt" and cfg.optim.weight_decay == 0.0  # fine-tune defaults
+    partial = load_config(None, ["optim.name=sgd"], stage="finetune")
+    assert partial.optim.warmup_epochs == 0  # a partial section keeps the stage's defaults
+    cfg = load_config(None, ["teacher=/runs/f", "student=r18_1x_sk0"], stage="distill")
+    assert cfg.distill.teacher == "/runs/f" and cfg.model.name == "r18_1x_sk0"
+    quickstart = Path(__file__).parents[1] / "experiments" / "quickstart_digits.yaml"
+    with pytest.raises(ConfigError, match="this command runs 'finetune' but .* is a 'pretrain' config"):
+        load_config(quickstart, stage="finetune")
+    with pytest.raises(ConfigError, match="distill.teacher is required"):
+        load_config(None, [], stage="distill")
+    with pytest.raises(ConfigError, match="label_fraction or finetune.label_subset, not both"):
+        load_config(None, ["label_fraction=0.1", "label_subset=ids.txt"], stage="finetune")
+    with pytest.raises(ConfigError, match=r"finetune.label_fraction: Input should be less than or equal to 1"):
+        load_config(None, ["label_fraction=1.5"], stage="finetune")
 
 
 def test_there_is_a_quickstart():

@@ -79,18 +79,36 @@ def test_nt_xent_accuracy_on_known_cases():
     assert nt_xent(eye, eye[[0, 1, 3, 2]], 0.1)[1].item() == 0.5
 
 
-def test_distillation_loss_matches_formula_and_has_zero_gradient_at_teacher():
+def naive_distillation(student, teacher, t) -> float:
+    """The paper's eq. 3 as a loop: T^2 * mean_i sum_c p_t log(p_t / p_s), written out element by element."""
+    total = 0.0
+    for s_row, t_row in zip(student.double(), teacher.double()):
+        p_t = torch.exp(t_row / t) / torch.exp(t_row / t).sum()
+        p_s = torch.exp(s_row / t) / torch.exp(s_row / t).sum()
+        total += float((p_t * (p_t.log() - p_s.log())).sum())
+    return total / student.shape[0] * t * t
+
+
+def test_distillation_loss_matches_reference_and_is_zero_at_teacher():
     g = torch.Generator().manual_seed(1)
     student, teacher, t = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g), 2.0
-    reference = -(F.softmax(teacher / t, 1) * F.log_softmax(student / t, 1)).sum(1).mean() * t * t
-    torch.testing.assert_close(distillation_loss(student, teacher, t), reference)
+    assert float(distillation_loss(student, teacher, t)) == pytest.approx(naive_distillation(student, teacher, t), rel=1e-5)
 
     at_teacher = teacher.clone().requires_grad_(True)
     loss = distillation_loss(at_teacher, teacher, t)
     loss.backward()
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
     torch.testing.assert_close(at_teacher.grad, torch.zeros_like(teacher), atol=1e-7, rtol=0)
-    entropy = -(F.softmax(teacher / t, 1) * F.log_softmax(teacher / t, 1)).sum(1).mean() * t * t
-    torch.testing.assert_close(loss, entropy)  # a cross-entropy: T^2 * teacher entropy, not 0
+
+
+def test_distillation_gradient_equals_the_papers_cross_entropy_form():
+    g = torch.Generator().manual_seed(2)
+    teacher, t = torch.randn(5, 7, generator=g), 3.0
+    a = torch.randn(5, 7, generator=g).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    distillation_loss(a, teacher, t).backward()
+    (-(F.softmax(teacher / t, 1) * F.log_softmax(b / t, 1)).sum(1).mean() * t * t).backward()
+    torch.testing.assert_close(a.grad, b.grad)
 
 
 # -- two processes ---------------------------------------------------------------------------------

@@ -40,12 +40,12 @@ def eval_transform(image_size: int) -> v2.Compose:
     )
 
 
-def finetune_transform(image_size: int) -> v2.Compose:
+def finetune_transform(image_size: int, min_crop_scale: float = 0.08) -> v2.Compose:
     """SimCLRv2 fine-tuning augmentation: random crop and flip only."""
     return v2.Compose(
         [
             v2.PILToTensor(),
-            v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True),
+            v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
         ]
     )

@@ -7,6 +7,7 @@ with its id and reason; it never fails the task.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -126,21 +127,53 @@ def two_view_batch_fn(spec: ViewSpec) -> Callable[[dict], dict]:
     return fn
 
 
-def labeled_batch_fn(spec: ViewSpec, train: bool) -> Callable[[dict], dict]:
+def _is_null(label) -> bool:
+    return label is None or (isinstance(label, float) and np.isnan(label))
+
+
+def _keep_rows(batch: dict, keep_ids: frozenset[str] | None) -> dict:
+    """Only the rows of a label subset; filtered before decoding, so skipped rows cost no decode."""
+    if keep_ids is None:
+        return batch
+    mask = np.fromiter((str(i) in keep_ids for i in batch["id"]), dtype=bool, count=len(batch["id"]))
+    return {name: column[mask] for name, column in batch.items()}
+
+
+def labeled_batch_fn(spec: ViewSpec, train: bool, keep_ids: frozenset[str] | None = None) -> Callable[[dict], dict]:
     """Ray Data map_batches function: encoded images with labels -> one uint8 view + label.
 
-    Rows without a label are dropped (a labeled split may still hold a few unlabeled images)."""
+    Rows without a label are dropped (a labeled split may still hold a few unlabeled images), and so are
+    rows outside `keep_ids` when a label subset is given."""
 
     def fn(batch: dict) -> dict:
         _reseed_task_rng()
-        transform = finetune_transform(spec.image_size) if train else eval_transform(spec.image_size)
+        batch = _keep_rows(batch, keep_ids)
+        transform = finetune_transform(spec.image_size, spec.min_crop_scale) if train else eval_transform(spec.image_size)
         images, labels = [], []
         for i, image in _decode_rows(batch, spec):
             label = batch["label"][i]
-            if label is None or (isinstance(label, float) and np.isnan(label)):
+            if _is_null(label):
                 continue
             images.append(transform(image).numpy())
             labels.append(int(label))
+        return {"image": _stack(images, spec.image_size), "label": np.asarray(labels, dtype=np.int64)}
+
+    return fn
+
+
+def distill_batch_fn(spec: ViewSpec, labeled_ids: frozenset[str]) -> Callable[[dict], dict]:
+    """Ray Data map_batches function for distillation: one crop+flip view of every image, and its label
+    where the image belongs to the teacher's labeled subset (-1 elsewhere: only the teacher teaches)."""
+
+    def fn(batch: dict) -> dict:
+        _reseed_task_rng()
+        transform = finetune_transform(spec.image_size, spec.min_crop_scale)
+        images, labels = [], []
+        for i, image in _decode_rows(batch, spec):
+            label = batch["label"][i]
+            known = str(batch["id"][i]) in labeled_ids and not _is_null(label)
+            images.append(transform(image).numpy())
+            labels.append(int(label) if known else -1)
         return {"image": _stack(images, spec.image_size), "label": np.asarray(labels, dtype=np.int64)}
 
     return fn
@@ -166,15 +199,115 @@ def labeled_dataset(
     concurrency: int | None,
     limit: int | None = None,
     shuffle_seed: int | None = None,
+    keep_ids: frozenset[str] | None = None,
 ):
-    """Labeled single-view stream: random crop+flip when `train`, centre crop otherwise."""
+    """Labeled single-view stream: random crop+flip when `train`, centre crop otherwise; only the rows
+    of `keep_ids` (a label subset) when given."""
     ds = read_shards(path, ["image", "id", "label"], shuffle_seed)
     if limit is not None:
         ds = ds.limit(limit)
-    return ds.map_batches(labeled_batch_fn(spec, train), batch_size=batch_size, compute=_task_pool(concurrency))
+    fn = labeled_batch_fn(spec, train, keep_ids)
+    return ds.map_batches(fn, batch_size=batch_size, compute=_task_pool(concurrency))
+
+
+def distill_dataset(
+    path: str,
+    spec: ViewSpec,
+    labeled_ids: frozenset[str],
+    shuffle_seed: int,
+    batch_size: int,
+    concurrency: int | None,
+):
+    """Every image of `path` (labeled or not) as one crop+flip view, for the teacher to label."""
+    ds = read_shards(path, ["image", "id", "label"], shuffle_seed)  # the shard schema always has `label`
+    fn = distill_batch_fn(spec, labeled_ids)
+    return ds.map_batches(fn, batch_size=batch_size, compute=_task_pool(concurrency))
 
 
 def _task_pool(size: int | None):
     from ray.data import TaskPoolStrategy
 
     return TaskPoolStrategy(size=size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DeeperCluster streams: images carry an integer key derived from their id, so a worker can look up the
+# pseudo-label of every image it trains on, and the clustering round can tell which features belong to whom.
+
+
+def image_keys(ids) -> np.ndarray:
+    """A stable int64 key per image id: the first 8 bytes of blake2b(id), sign bit cleared.
+
+    Ids are strings, which `iter_torch_batches` and torch collectives cannot carry; the key can. It depends on
+    the id alone (not on the order of a pass or on Python's per-process hash seed), so every Ray Data task and
+    every worker computes the same key. Two ids sharing a key are detected where the keys are gathered."""
+    keys = [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") for i in ids]
+    return np.asarray(keys, dtype=np.uint64).astype(np.int64) & np.int64(2**63 - 1)
+
+
+def rotation_batch_fn(spec: ViewSpec, num_rotations: int) -> Callable[[dict], dict]:
+    """Ray Data map_batches function: encoded images -> one crop+flip view turned by a random multiple of 90
+    degrees, its rotation index (0..num_rotations-1, counter-clockwise quarter turns) and its key.
+
+    The rotation is drawn per image here, in the data task, so the worker only reads it; num_rotations=1
+    leaves every image upright (DeepCluster)."""
+    if num_rotations not in (1, 2, 4):
+        raise ValueError(f"num_rotations must be 1, 2 or 4, got {num_rotations}")
+
+    def fn(batch: dict) -> dict:
+        _reseed_task_rng()
+        # DeepCluster's augmentation: random resized crop and flip, no colour changes.
+        transform = finetune_transform(spec.image_size, spec.min_crop_scale)
+        images, rotations, ids = [], [], []
+        for i, image in _decode_rows(batch, spec):
+            rotation = int(torch.randint(num_rotations, ()))
+            # 4 // num_rotations quarter turns per rotation step: 2 rotations are 0 and 180 degrees.
+            view = torch.rot90(transform(image), rotation * (4 // num_rotations), dims=(1, 2))
+            images.append(view.numpy())
+            rotations.append(rotation)
+            ids.append(batch["id"][i])
+        return {
+            "image": _stack(images, spec.image_size),
+            "rotation": np.asarray(rotations, dtype=np.int64),
+            "key": image_keys(ids),
+        }
+
+    return fn
+
+
+def keyed_eval_batch_fn(spec: ViewSpec) -> Callable[[dict], dict]:
+    """Ray Data map_batches function: encoded images -> deterministic centre crop, key, and label (-1 when
+    the image has none), for extracting the features a clustering round clusters."""
+
+    def fn(batch: dict) -> dict:
+        transform = eval_transform(spec.image_size)
+        images, labels, ids = [], [], []
+        raw_labels = batch.get("label")
+        for i, image in _decode_rows(batch, spec):
+            label = None if raw_labels is None else raw_labels[i]
+            images.append(transform(image).numpy())
+            labels.append(-1 if _is_null(label) else int(label))
+            ids.append(batch["id"][i])
+        return {
+            "image": _stack(images, spec.image_size),
+            "key": image_keys(ids),
+            "label": np.asarray(labels, dtype=np.int64),
+        }
+
+    return fn
+
+
+def rotation_dataset(
+    path: str, spec: ViewSpec, num_rotations: int, shuffle_seed: int, batch_size: int, concurrency: int | None
+):
+    """Training stream of DeeperCluster / DeepCluster / RotNet: rotated crops with rotation index and key."""
+    ds = read_shards(path, ["image", "id"], shuffle_seed)
+    return ds.map_batches(
+        rotation_batch_fn(spec, num_rotations), batch_size=batch_size, compute=_task_pool(concurrency)
+    )
+
+
+def keyed_eval_dataset(path: str, spec: ViewSpec, batch_size: int, concurrency: int | None):
+    """Every training image once, centre-cropped, with key and label (-1: none): the clustering input."""
+    ds = read_shards(path, ["image", "id", "label"], shuffle_seed=None)
+    return ds.map_batches(keyed_eval_batch_fn(spec), batch_size=batch_size, compute=_task_pool(concurrency))

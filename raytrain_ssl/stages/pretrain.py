@@ -300,6 +300,10 @@ def steps_per_epoch(cfg: PretrainConfig, num_rows: int) -> int:
 
 def run(cfg: PretrainConfig, resume: bool = False) -> dict:
     """Pretrain on the configured Ray cluster; returns the final metrics and the checkpoint path."""
+    if cfg.method == "deepercluster":
+        from raytrain_ssl.stages import deepercluster  # its own train loop; it imports this module
+
+        return deepercluster.run(cfg, resume)
     from raytrain_ssl import launch
     from raytrain_ssl.data.paths import resolve_data_paths
     from raytrain_ssl.data.stream import count_rows
