@@ -119,6 +119,11 @@ class TrainSection(Section):
     channels_last: bool | None = Field(None, description="None: on for GPU workers")
     seed: int = 0
     log_every_steps: int = Field(10, gt=0)
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a NaN/inf loss on any worker: stop (error naming the step; the last checkpoint stays the "
+        "last good one) or skip (the batch is dropped on all workers, the schedule advances; train/skipped_steps)",
+    )
 
 
 class CheckpointSection(Section):

@@ -25,6 +25,7 @@ from raytrain_ssl.data.augment import to_float_images
 from raytrain_ssl.evaluation.metrics import topk_accuracy
 from raytrain_ssl.models.classifier import Classifier, ClassifierSpec
 from raytrain_ssl.optim import build_optimizer, build_scheduler, scaled_learning_rate
+from raytrain_ssl.stages.nonfinite import LossGuard, refuse_retry_after_stop
 from raytrain_ssl.stages.pretrain import Progress, StepTimer
 from raytrain_ssl.stages.worker_env import WorkerEnv, unwrap
 from raytrain_ssl.tensorboard_logger import make_logger
@@ -65,6 +66,7 @@ def train_classifier(cfg, env: WorkerEnv, parts: StageParts, loop_config: dict) 
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     scheduler = build_scheduler(optimizer, min(warmup_steps, total_steps), total_steps)
 
+    refuse_retry_after_stop(loop_config["run_dir"])  # a retry after train.nonfinite_loss=stop stops again
     progress = Progress()
     state = load_latest_in_worker()
     if state is not None:
@@ -78,6 +80,7 @@ def train_classifier(cfg, env: WorkerEnv, parts: StageParts, loop_config: dict) 
     tb = make_logger(Path(loop_config["run_dir"]) / "tensorboard", env.is_main)
     tb.text("config", f"```\n{json.dumps(loop_config['config'], indent=2)}\n```", progress.global_step)
     checkpoint_state = lambda: _state(cfg, parts, model, optimizer, scheduler, progress)  # noqa: E731
+    guard = LossGuard(cfg.train.nonfinite_loss, model, tb, loop_config["run_dir"])
     shard = env.dataset_shard("train")
     while progress.epoch < cfg.train.epochs and progress.global_step < total_steps:
         model.train()
@@ -91,7 +94,8 @@ def train_classifier(cfg, env: WorkerEnv, parts: StageParts, loop_config: dict) 
             else None,
             device=env.device,
         )
-        _run_epoch(cfg, env, parts, model, optimizer, scheduler, batches, remaining, progress, tb, checkpoint_state)
+        _run_epoch(cfg, env, parts, model, optimizer, scheduler, batches, remaining, progress, tb, checkpoint_state,
+                   guard)  # fmt: skip
         progress.epoch += 1
         progress.step_in_epoch = 0
         metrics = {"epoch": progress.epoch, "step": progress.global_step}
@@ -112,7 +116,7 @@ def _eval_due(cfg, progress: Progress, total_steps: int) -> bool:
     return last or bool(every and progress.epoch % every == 0)
 
 
-def _run_epoch(cfg, env, parts, model, optimizer, scheduler, batches, remaining, progress, tb, checkpoint_state):
+def _run_epoch(cfg, env, parts, model, optimizer, scheduler, batches, remaining, progress, tb, checkpoint_state, guard):
     timer = StepTimer()
     autocast = (
         torch.autocast(device_type=env.device.type, dtype=torch.bfloat16) if env.use_bf16 else nullcontext()
@@ -126,12 +130,14 @@ def _run_epoch(cfg, env, parts, model, optimizer, scheduler, batches, remaining,
             break
         timer.data_seconds += time.perf_counter() - wait_start
         images = to_float_images(batch["image"], env.channels_last)
+        guard.before_forward()
         with autocast:
             loss, step_metrics = parts.loss_fn(model, images, batch["label"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        if not guard.skip_step(loss, progress):  # same answer on every worker; raises for nonfinite_loss=stop
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()  # a skipped step still counts: the schedule and step numbers stay on course
         progress.global_step += 1
         progress.step_in_epoch += 1
         timer.images += images.shape[0] * env.world_size

@@ -39,6 +39,9 @@ class PipelineConfig(Section):
     students: list[str] = Field([], description="models to distil into (empty: the pretrained model itself)")
     supervised_baseline: bool = Field(True, description="also train from scratch on each subset")
     linear_probe: bool = Field(True, description="also score a linear probe of the pretrained encoder")
+    distill_from_pretrained: bool = Field(
+        False, description="start a student of the pretrained architecture from the pretrained encoder"
+    )
     shared: dict = Field({}, description="config sections merged into every stage (e.g. data, ray)")
     pretrain: dict = Field({}, description="pretrain stage settings")
     finetune: dict = Field({}, description="fine-tune stage settings (also the supervised baseline's)")
@@ -128,6 +131,8 @@ def plan(pipe: PipelineConfig) -> list[Step]:
         for student in students:
             key = f"{tag}-distill-{student}"
             overrides = [f"teacher={root / f'{tag}-finetune'}", f"student={student}"]
+            if pipe.distill_from_pretrained and student == pretrain.model.name:
+                overrides.append(f"init={pretrained}")
             steps.append(Step(key, "distill", stage_config(pipe, "distill", pipe.distill, key, overrides), fraction))
     return steps
 
@@ -206,7 +211,6 @@ def results_table(pipe: PipelineConfig, results: dict) -> list[dict]:
     """One row per (label fraction, method): top-1 and top-5 on the validation split."""
     rows = []
     model = results["pretrain"].get("run_dir")
-    pretrain_cfg = json.loads(json.dumps(results["pretrain"]))
     for fraction in pipe.label_fractions:
         tag = fraction_tag(fraction)
         entries = []
@@ -223,7 +227,7 @@ def results_table(pipe: PipelineConfig, results: dict) -> list[dict]:
                 "label_fraction": fraction,
                 "labeled_images": results[f"{tag}-finetune"].get("labeled_images"),
                 "method": method,
-                "model": (result.get("spec") or {}).get("model_name", _pretrained_name(pretrain_cfg)),
+                "model": (result.get("spec") or {}).get("model_name", _pretrained_name(results["pretrain"])),
                 "top1": metrics.get(f"{prefix}_top1"),
                 "top5": metrics.get(f"{prefix}_top5"),
                 "run_dir": result.get("run_dir", model),

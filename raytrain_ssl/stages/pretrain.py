@@ -26,6 +26,7 @@ from raytrain_ssl.models import ProjectionHead, create_encoder
 from raytrain_ssl.negative_queue import NegativeQueue
 from raytrain_ssl.optim import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
 from raytrain_ssl.stages.knn_monitor import knn_eval
+from raytrain_ssl.stages.nonfinite import LossGuard, refuse_retry_after_stop
 from raytrain_ssl.stages.worker_env import WorkerEnv, setup_worker, unwrap
 from raytrain_ssl.tensorboard_logger import make_logger
 
@@ -63,6 +64,7 @@ class Progress:
     step_in_epoch: int = 0
     global_step: int = 0
     resumed_from_steps: list = field(default_factory=list)  # one entry per restart from a checkpoint
+    skipped_steps: int = 0  # steps dropped for a non-finite loss (train.nonfinite_loss=skip)
 
 
 @dataclass
@@ -107,6 +109,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else None
     )
 
+    refuse_retry_after_stop(loop_config["run_dir"])  # a retry after train.nonfinite_loss=stop stops again
     progress = Progress()
     state = load_latest_in_worker()
     if state is not None:
@@ -116,6 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     tb = make_logger(Path(loop_config["run_dir"]) / "tensorboard", env.is_main)
     tb.text("config", f"```\n{json.dumps(loop_config['config'], indent=2)}\n```", progress.global_step)
+    guard = LossGuard(cfg.train.nonfinite_loss, [model, *([ema] if ema is not None else [])], tb, loop_config["run_dir"])
     train_shard = env.dataset_shard("train")
     if state is None and cfg.eval.knn_at_start:
         _knn(cfg, env, model, progress, tb)  # the random-init baseline the curve starts from
@@ -131,7 +135,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             else None,
             device=env.device,
         )
-        _run_epoch(cfg, env, model, optimizer, scheduler, ema, queue, batches, remaining, progress, tb)
+        _run_epoch(cfg, env, model, optimizer, scheduler, ema, queue, batches, remaining, progress, tb, guard)
         progress.epoch += 1  # the pass ended: planned steps done, data exhausted, or max_steps reached
         progress.step_in_epoch = 0
         metrics = _epoch_metrics(cfg, env, model, progress, tb)
@@ -139,7 +143,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tb.close()
 
 
-def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, ema, queue, batches, remaining, progress, tb):
+def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, ema, queue, batches, remaining, progress, tb, guard):
     timer = StepTimer()
     autocast = (
         torch.autocast(device_type=env.device.type, dtype=torch.bfloat16) if env.use_bf16 else nullcontext()
@@ -154,6 +158,7 @@ def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, ema, queue, bat
         timer.data_seconds += time.perf_counter() - wait_start
         view1 = to_float_images(batch["view1"], env.channels_last)
         view2 = to_float_images(batch["view2"], env.channels_last)
+        guard.before_forward()
         with autocast:
             z = model(torch.cat([view1, view2]))
             keys = _ema_keys(ema, view1, view2) if ema is not None else (None, None)
@@ -161,14 +166,15 @@ def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, ema, queue, bat
         loss, accuracy = nt_xent(
             z1, z2, cfg.contrastive.temperature, *keys, queue=queue.negatives() if queue is not None else None
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(unwrap(model))
-        if queue is not None:
-            queue.enqueue((keys[1] if keys[1] is not None else z2).detach())
+        if not guard.skip_step(loss, progress):  # same answer on every worker; raises for nonfinite_loss=stop
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ema is not None:
+                ema.update_parameters(unwrap(model))
+            if queue is not None:
+                queue.enqueue((keys[1] if keys[1] is not None else z2).detach())
+        scheduler.step()  # a skipped step still counts: the schedule and step numbers stay on course
         progress.global_step += 1
         progress.step_in_epoch += 1
         timer.images += view1.shape[0] * env.world_size

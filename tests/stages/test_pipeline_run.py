@@ -33,10 +33,9 @@ TINY_PIPELINE = [
     "distill.train.max_steps=2",
     "distill.eval.every_epochs=null",
     "shared.data.decode_batch_size=32",
-    "shared.ray.max_failures=0",
 ]
 FINETUNE = ["train.global_batch_size=32", "data.image_size=16", "data.decode_batch_size=32",
-            "ray.num_workers=2", "ray.max_failures=0", "eval.every_epochs=null"]  # fmt: skip
+            "ray.num_workers=2", "eval.every_epochs=null"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
