@@ -50,8 +50,9 @@ class UnsafeCheckpointError(CheckpointError):
 def save_checkpoint(state: dict, directory: str | Path) -> Path:
     """Write `state` to `<directory>/checkpoint.pt` atomically: under a temporary name, then renamed.
 
-    A crash (or an exception) while writing leaves no `checkpoint.pt` behind, only nothing or the
-    temporary file, which no reader looks at. Refuses a state weights-only loading could not read back."""
+    An exception while writing removes the temporary file; a killed process may leave it, but no reader
+    looks at it. Either way an existing `checkpoint.pt` is untouched and no truncated one appears.
+    Refuses (CheckpointError) a state that weights-only loading could not read back."""
     directory = Path(directory)
     final, partial = directory / CHECKPOINT_FILE, directory / (CHECKPOINT_FILE + ".partial")
     try:
@@ -162,8 +163,9 @@ def latest_checkpoint_dir(run_dir: str | Path, before: str | None = None) -> Pat
 def load_file(path: str | Path) -> dict:
     """`torch.load(path, weights_only=True)` on the CPU, with one-line errors.
 
-    Raises `UnsafeCheckpointError` ("refusing to load") when the file holds pickled objects other than tensors and
-    plain containers (nothing of it is run), `CheckpointError` ("cannot read") when it is truncated or corrupt."""
+    Raises `UnsafeCheckpointError` ("refusing to load") when the file holds pickled objects other than
+    tensors and plain containers (nothing of it is run); `CheckpointError` ("cannot read") when it is
+    truncated or corrupt."""
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -119,7 +119,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     tb = make_logger(Path(loop_config["run_dir"]) / "tensorboard", env.is_main)
     tb.text("config", f"```\n{json.dumps(loop_config['config'], indent=2)}\n```", progress.global_step)
-    guard = LossGuard(cfg.train.nonfinite_loss, [model, *([ema] if ema is not None else [])], tb, loop_config["run_dir"])
+    forward_modules = [model, ema] if ema is not None else [model]  # buffers a skipped step puts back
+    guard = LossGuard(cfg.train.nonfinite_loss, forward_modules, tb, loop_config["run_dir"])
     train_shard = env.dataset_shard("train")
     if state is None and cfg.eval.knn_at_start:
         _knn(cfg, env, model, progress, tb)  # the random-init baseline the curve starts from
