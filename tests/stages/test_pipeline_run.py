@@ -31,10 +31,13 @@ TINY_PIPELINE = [
     "finetune.train.global_batch_size=32",
     "finetune.eval.every_epochs=null",
     "distill.train.max_steps=2",
+    "finetune.train.log_every_steps=1",
+    "supervised.train.log_every_steps=1",
+    "distill.train.log_every_steps=1",
     "distill.eval.every_epochs=null",
     "shared.data.decode_batch_size=32",
 ]
-FINETUNE = ["train.global_batch_size=32", "data.image_size=16", "data.decode_batch_size=32",
+FINETUNE = ["train.global_batch_size=32", "train.log_every_steps=1", "data.image_size=16", "data.decode_batch_size=32",
             "ray.num_workers=2", "eval.every_epochs=null"]  # fmt: skip
 
 
