@@ -354,7 +354,7 @@ def _collect(batches, writers: dict, reports: dict) -> None:
                 else:
                     report.class_counts[report.classes[row["label"]]] += 1
                 report.num_reencoded += row["reencoded"]
-        kept = batch.take(keep)
+        kept = batch.take(pa.array(keep, pa.int64()))  # typed: an empty list would infer type null
         for flag, writer in writers.items():
             part = kept.filter(pc.equal(kept["heldout"], flag)) if kept.num_rows else kept
             writer.write(part.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
