@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +25,7 @@ from raytrain_ssl.models.classifier import Classifier, ClassifierSpec
 from raytrain_ssl.optim import build_optimizer, build_scheduler, scaled_learning_rate
 from raytrain_ssl.stages.nonfinite import LossGuard, refuse_retry_after_stop
 from raytrain_ssl.stages.pretrain import Progress, StepTimer
-from raytrain_ssl.stages.worker_env import WorkerEnv, unwrap
+from raytrain_ssl.stages.worker_env import WorkerEnv, timed_batches, unwrap
 from raytrain_ssl.tensorboard_logger import make_logger
 
 log = logging.getLogger("raytrain_ssl.classifier")
@@ -85,15 +83,7 @@ def train_classifier(cfg, env: WorkerEnv, parts: StageParts, loop_config: dict) 
     while progress.epoch < cfg.train.epochs and progress.global_step < total_steps:
         model.train()
         remaining = min(steps_per_epoch - progress.step_in_epoch, total_steps - progress.global_step)
-        batches = shard.iter_torch_batches(
-            batch_size=cfg.batch_size_per_worker,
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
-            local_shuffle_seed=(cfg.data.shuffle_seed + 7919 * progress.epoch + env.rank)
-            if cfg.data.shuffle_buffer_rows
-            else None,
-            device=env.device,
-        )
+        batches = env.epoch_batches(shard, cfg, progress.epoch)
         _run_epoch(cfg, env, parts, model, optimizer, scheduler, batches, remaining, progress, tb, checkpoint_state,
                    guard)  # fmt: skip
         progress.epoch += 1
@@ -118,17 +108,9 @@ def _eval_due(cfg, progress: Progress, total_steps: int) -> bool:
 
 def _run_epoch(cfg, env, parts, model, optimizer, scheduler, batches, remaining, progress, tb, checkpoint_state, guard):
     timer = StepTimer()
-    autocast = (
-        torch.autocast(device_type=env.device.type, dtype=torch.bfloat16) if env.use_bf16 else nullcontext()
-    )
-    iterator = iter(batches)
-    for done in range(1, remaining + 1):
-        wait_start = time.perf_counter()
-        try:
-            batch = next(iterator)
-        except StopIteration:  # fewer batches than planned (skipped bad images): end the epoch early
-            break
-        timer.data_seconds += time.perf_counter() - wait_start
+    autocast = env.autocast()
+    for done, batch, waited in timed_batches(batches, remaining):
+        timer.data_seconds += waited
         images = to_float_images(batch["image"], env.channels_last)
         guard.before_forward()
         with autocast:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -38,7 +36,7 @@ from raytrain_ssl.optim import build_optimizer, build_scheduler, scaled_learning
 from raytrain_ssl.stages.cluster_round import PseudoLabels, assign_pseudo_labels, embed_keyed_shard
 from raytrain_ssl.stages.knn_monitor import knn_eval
 from raytrain_ssl.stages.pretrain import Progress, StepTimer, steps_per_epoch
-from raytrain_ssl.stages.worker_env import WorkerEnv, setup_worker, unwrap
+from raytrain_ssl.stages.worker_env import WorkerEnv, setup_worker, timed_batches, unwrap
 from raytrain_ssl.tensorboard_logger import make_logger
 
 log = logging.getLogger("raytrain_ssl.deepercluster")
@@ -133,15 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             pseudo, cluster_metrics = _recluster(cfg, env, model, optimizer, pseudo, progress, tb)
         model.train()
         remaining = min(per_epoch - progress.step_in_epoch, total_steps - progress.global_step)
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size_per_worker,
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
-            local_shuffle_seed=(cfg.data.shuffle_seed + 7919 * progress.epoch + env.rank)
-            if cfg.data.shuffle_buffer_rows
-            else None,
-            device=env.device,
-        )
+        batches = env.epoch_batches(train_shard, cfg, progress.epoch)
         _run_epoch(cfg, env, model, optimizer, scheduler, pseudo, batches, remaining, progress, tb)
         progress.epoch += 1  # the pass ended: planned steps done, data exhausted, or max_steps reached
         progress.step_in_epoch = 0
@@ -193,17 +183,9 @@ def _fmt(value: float | None) -> str:
 
 def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, pseudo, batches, remaining, progress, tb):
     timer = StepTimer()
-    autocast = (
-        torch.autocast(device_type=env.device.type, dtype=torch.bfloat16) if env.use_bf16 else nullcontext()
-    )
-    iterator = iter(batches)
-    for done in range(1, remaining + 1):
-        wait_start = time.perf_counter()
-        try:
-            batch = next(iterator)
-        except StopIteration:  # fewer batches than planned (skipped bad images): end the epoch early
-            break
-        timer.data_seconds += time.perf_counter() - wait_start
+    autocast = env.autocast()
+    for done, batch, waited in timed_batches(batches, remaining):
+        timer.data_seconds += waited
         images = to_float_images(batch["image"], env.channels_last)
         super_target, sub_target, weights = _targets(cfg, pseudo, batch["key"], batch["rotation"])
         with autocast:

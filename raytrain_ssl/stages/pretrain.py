@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from raytrain_ssl.negative_queue import NegativeQueue
 from raytrain_ssl.optim import build_ema, build_optimizer, build_scheduler, scaled_learning_rate
 from raytrain_ssl.stages.knn_monitor import knn_eval
 from raytrain_ssl.stages.nonfinite import LossGuard, refuse_retry_after_stop
-from raytrain_ssl.stages.worker_env import WorkerEnv, setup_worker, unwrap
+from raytrain_ssl.stages.worker_env import WorkerEnv, setup_worker, timed_batches, unwrap
 from raytrain_ssl.tensorboard_logger import make_logger
 
 log = logging.getLogger("raytrain_ssl.pretrain")
@@ -127,15 +126,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while progress.epoch < cfg.train.epochs and progress.global_step < total_steps:
         model.train()
         remaining = min(steps_per_epoch - progress.step_in_epoch, total_steps - progress.global_step)
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size_per_worker,
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
-            local_shuffle_seed=(cfg.data.shuffle_seed + 7919 * progress.epoch + env.rank)
-            if cfg.data.shuffle_buffer_rows
-            else None,
-            device=env.device,
-        )
+        batches = env.epoch_batches(train_shard, cfg, progress.epoch)
         _run_epoch(cfg, env, model, optimizer, scheduler, ema, queue, batches, remaining, progress, tb, guard)
         progress.epoch += 1  # the pass ended: planned steps done, data exhausted, or max_steps reached
         progress.step_in_epoch = 0
@@ -146,17 +137,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, ema, queue, batches, remaining, progress, tb, guard):
     timer = StepTimer()
-    autocast = (
-        torch.autocast(device_type=env.device.type, dtype=torch.bfloat16) if env.use_bf16 else nullcontext()
-    )
-    iterator = iter(batches)
-    for done in range(1, remaining + 1):
-        wait_start = time.perf_counter()
-        try:
-            batch = next(iterator)
-        except StopIteration:  # fewer batches than planned (skipped bad images): end the epoch early
-            break
-        timer.data_seconds += time.perf_counter() - wait_start
+    autocast = env.autocast()
+    for done, batch, waited in timed_batches(batches, remaining):
+        timer.data_seconds += waited
         view1 = to_float_images(batch["view1"], env.channels_last)
         view2 = to_float_images(batch["view2"], env.channels_last)
         guard.before_forward()

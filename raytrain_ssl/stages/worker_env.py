@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,35 @@ class WorkerEnv:
         import ray.train
 
         return ray.train.get_dataset_shard(name)
+
+    def autocast(self):
+        """bf16 autocast when the run uses it, else a no-op context."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+
+    def epoch_batches(self, shard, cfg, epoch: int):
+        """One epoch of training batches of this worker: full batches only (DDP steps must match), the
+        local shuffle buffer seeded from (seed, epoch, rank) so a resumed epoch shuffles the same way."""
+        rows = cfg.data.shuffle_buffer_rows
+        return shard.iter_torch_batches(
+            batch_size=cfg.batch_size_per_worker,
+            drop_last=True,
+            local_shuffle_buffer_size=rows or None,
+            local_shuffle_seed=(cfg.data.shuffle_seed + 7919 * epoch + self.rank) if rows else None,
+            device=self.device,
+        )
+
+
+def timed_batches(batches, limit: int):
+    """Yield (step number from 1, batch, seconds spent waiting for it) for at most `limit` batches; stops
+    early when the stream runs out (fewer batches than planned because bad images were skipped)."""
+    iterator = iter(batches)
+    for done in range(1, limit + 1):
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        yield done, batch, time.perf_counter() - start
 
 
 def unwrap(model: nn.Module) -> nn.Module:
