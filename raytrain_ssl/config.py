@@ -154,7 +154,26 @@ class RaySection(Section):
     max_failures: int = Field(2, ge=0, description="worker failures retried from the last checkpoint")
 
 
-class PretrainConfig(Section):
+class RunConfig(Section):
+    """What every stage's config derives from its model, data, train and ray sections (no fields here)."""
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        _check_batch_divides(self.train.global_batch_size, self.ray.num_workers)
+        return self
+
+    # Derived values: new names, computed from the frozen config, never written back into it.
+    @property
+    def batch_size_per_worker(self) -> int:
+        return self.train.global_batch_size // self.ray.num_workers
+
+    @property
+    def use_small_image_stem(self) -> bool:
+        stem = self.model.small_image_stem
+        return self.data.image_size <= 64 if stem is None else stem
+
+
+class PretrainConfig(RunConfig):
     stage: Literal["pretrain"] = "pretrain"
     method: Literal["simclr", "deepercluster"] = "simclr"
     model: ModelSection = ModelSection()
@@ -167,25 +186,6 @@ class PretrainConfig(Section):
     checkpoint: CheckpointSection = CheckpointSection()
     eval: EvalSection = EvalSection()
     ray: RaySection = RaySection()
-
-    @model_validator(mode="after")
-    def _batch_divides(self) -> "PretrainConfig":
-        if self.train.global_batch_size % self.ray.num_workers:
-            raise ValueError(
-                f"train.global_batch_size={self.train.global_batch_size} must be a multiple of "
-                f"ray.num_workers={self.ray.num_workers}"
-            )
-        return self
-
-    # Derived values: new names, computed from the frozen config, never written back into it.
-    @property
-    def batch_size_per_worker(self) -> int:
-        return self.train.global_batch_size // self.ray.num_workers
-
-    @property
-    def use_small_image_stem(self) -> bool:
-        stem = self.model.small_image_stem
-        return self.data.image_size <= 64 if stem is None else stem
 
     @property
     def use_gaussian_blur(self) -> bool:
@@ -259,7 +259,7 @@ class DistillSection(Section):
     init: str | None = Field(None, description="initialise the student from this run/checkpoint (None: scratch)")
 
 
-class StageConfig(Section):
+class StageConfig(RunConfig):
     """What fine-tune and distill share with pretraining: model, data, optimiser, training, Ray."""
 
     model: ModelSection = ModelSection()
@@ -269,20 +269,6 @@ class StageConfig(Section):
     checkpoint: CheckpointSection = CheckpointSection()
     eval: ClassifierEvalSection = ClassifierEvalSection()
     ray: RaySection = RaySection()
-
-    @model_validator(mode="after")
-    def _batch_divides(self):
-        _check_batch_divides(self.train.global_batch_size, self.ray.num_workers)
-        return self
-
-    @property
-    def batch_size_per_worker(self) -> int:
-        return self.train.global_batch_size // self.ray.num_workers
-
-    @property
-    def use_small_image_stem(self) -> bool:
-        stem = self.model.small_image_stem
-        return self.data.image_size <= 64 if stem is None else stem
 
 
 class FinetuneConfig(StageConfig):
