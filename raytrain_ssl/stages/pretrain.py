@@ -304,13 +304,7 @@ def run(cfg: PretrainConfig, resume: bool = False) -> dict:
     per_epoch = steps_per_epoch(cfg, count_rows(data.train))
     launch.connect(cfg.ray)
     launch.check_resources(cfg.ray)
-    if not resume and paths.run_dir.exists() and any(paths.run_dir.glob("checkpoint_*")):
-        from raytrain_ssl.config import ConfigError
-
-        raise ConfigError(
-            f"run directory {paths.run_dir} already has checkpoints: pass --resume {paths.run_dir} "
-            "to continue it, or choose another ray.name"
-        )
+    launch.refuse_existing_run(paths.run_dir, resume)
     launch.save_config(cfg, paths.run_dir)
     datasets = build_datasets(cfg, data)
     loop_config = {
@@ -321,11 +315,4 @@ def run(cfg: PretrainConfig, resume: bool = False) -> dict:
     }
     log.info("run directory %s (%d steps per epoch, %d epochs)", paths.run_dir, per_epoch, cfg.train.epochs)
     trainer = launch.build_trainer(train_loop_per_worker, loop_config, cfg, datasets, cfg.checkpoint.num_to_keep)
-    result = trainer.fit()
-    summary = {
-        "run_dir": str(paths.run_dir),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
-    }
-    (paths.run_dir / launch.RESULT_FILE).write_text(json.dumps(summary, indent=2))
-    return summary
+    return launch.fit_and_record(trainer, paths.run_dir)
