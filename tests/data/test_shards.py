@@ -255,3 +255,14 @@ def test_cli_writes_shards(ray_local, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("wrote 3 images")
     assert manifest(tmp_path / "out")["num_unlabeled"] == 3
     assert cli(str(src), str(tmp_path / "out"), "--overwrite") == 0
+
+
+def test_a_source_of_only_bad_files_is_all_skips_not_a_crash(ray_local, tmp_path):
+    src = tmp_path / "bad"
+    src.mkdir()
+    for name, (data, _) in bad_samples().items():
+        (src / name).write_bytes(data)
+    out = tmp_path / "shards"
+    summary = write_shards(str(src), str(out), IngestOptions())
+    assert summary.rejected == len(bad_samples())
+    assert {r["path"] for r in manifest(out)["rejected"]} == set(bad_samples())
