@@ -352,22 +352,29 @@ def _deep_copy(raw: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
 
 
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The mapping a YAML config file holds; a missing file or bad YAML is a one-line ConfigError."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {file}")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{file}: not valid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections")
+    return raw
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), stage: str | None = None):
     """Load, override and validate a run config; raises ConfigError with one line on any problem.
 
     `stage` is the command's stage (None: the file's `stage:`, else pretrain); a file for another stage
     is an error rather than a silently different run."""
-    raw: dict = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {file}")
-        try:
-            raw = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{file}: the top level must be a mapping of sections")
+    raw = read_config_file(path) if path is not None else {}
     file_stage = raw.get("stage")
     if stage is not None and file_stage is not None and file_stage != stage:
         raise ConfigError(f"stage: this command runs '{stage}' but {path} is a '{file_stage}' config")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from raytrain_ssl.config import ConfigError, Section, apply_overrides, expand_alias, validate
+from raytrain_ssl.config import ConfigError, Section, apply_overrides, expand_alias, read_config_file, validate
 
 log = logging.getLogger("raytrain_ssl.pipeline")
 
@@ -68,14 +68,7 @@ class Step:
 
 
 def load_pipeline(path: str | None, overrides: list[str]) -> PipelineConfig:
-    import yaml
-
-    raw: dict = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {file}")
-        raw = yaml.safe_load(file.read_text()) or {}
+    raw = read_config_file(path) if path is not None else {}
     return validate(PipelineConfig, apply_overrides(raw, overrides))
 
 
