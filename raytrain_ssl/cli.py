@@ -70,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_commands(sub) -> None:
-    from raytrain_ssl.commands import evaluate, pipeline, shards
+    from raytrain_ssl.commands import evaluate, pipeline, shards, sweep
 
     shards.register(sub)
     evaluate.register(sub)
     pipeline.register(sub)
+    sweep.register(sub)
 
 
 def _resolve_config(args, stage: str):

@@ -154,11 +154,24 @@ def build_trainer(
             storage_path=ray_cfg.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=ray_cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+            callbacks=tune_callbacks(),
         ),
         datasets=datasets,
         dataset_config=ExactEvalDataConfig(),  # training streams equal per worker, evaluation streams exact
     )
 
+
+def tune_callbacks() -> list:
+    """Inside a Tune trial (a sweep), forward every worker report and checkpoint path to Tune, so its
+    scheduler (ASHA) and progress see them; a plain stage run has no Tune session and needs nothing."""
+    # _in_tune_session is the check TuneReportCallback itself makes (private: Ray is pinned to 2.60.0).
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    if not _in_tune_session():
+        return []
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return [TuneReportCallback()]
 
 
 def refuse_existing_run(run_dir: Path, resume: bool) -> None:
@@ -174,9 +187,11 @@ def fit_and_record(trainer, run_dir: Path, extra: dict | None = None) -> dict:
     """Run the trainer; write `result.json` (final metrics, checkpoint path, stage facts) and return it."""
     import json
 
+    start = time.monotonic()
     result = trainer.fit()
     summary = {
         "run_dir": str(run_dir),
+        "wall_s": round(time.monotonic() - start, 1),  # of this fit (a resumed run: since the resume)
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
         **(extra or {}),

@@ -31,21 +31,33 @@ REPO = Path(__file__).resolve().parents[1]
 # The venv's console script (the command a cluster node has on PATH), else the module behind it.
 _SCRIPT = Path(sys.executable).with_name("raytrain-ssl")
 CLI = shlex.quote(str(_SCRIPT)) if _SCRIPT.exists() else f"{shlex.quote(sys.executable)} -m raytrain_ssl.cli"
-# The job the good-path test submits: one constant, to swap for the `pipeline` command later.
-# {cli}, {storage} and {name} are filled in; the rest is a tiny pretraining run (2 steps, no kNN).
+# The job the good-path test submits: the whole recipe in one command, as docs/cluster.md submits it.
+# {cli}, {storage} and {name} are filled in; the rest makes it tiny: pretrain -> fine-tune at 10% labels
+# -> self-distillation, 2 steps each on 2 workers, no kNN or mid-run evaluation (fine-tuning and distillation
+# still score the held-out split once at the end), no supervised baseline or linear probe.
 JOB_ENTRYPOINT = (
-    "{cli} pretrain experiments/quickstart_digits.yaml train.epochs=1 train.max_steps=2 "
-    "ray.storage_path={storage} ray.name={name} eval.knn_every_epochs=null eval.knn_at_start=false "
-    "train.global_batch_size=64"
+    "{cli} pipeline experiments/quickstart_pipeline.yaml storage_path={storage} name={name} "
+    "supervised_baseline=false linear_probe=false shared.ray.num_workers=2 shared.data.decode_batch_size=32 "
+    "pretrain.train.epochs=1 pretrain.train.max_steps=2 pretrain.train.global_batch_size=64 "
+    "pretrain.eval.knn_every_epochs=null pretrain.eval.knn_at_start=false "
+    "finetune.train.epochs=1 finetune.train.max_steps=2 finetune.train.global_batch_size=32 "
+    "finetune.train.log_every_steps=1 finetune.eval.every_epochs=null "
+    "distill.train.epochs=1 distill.train.max_steps=2 distill.train.global_batch_size=64 "
+    "distill.train.log_every_steps=1 distill.eval.every_epochs=null"
 )
-# Configs that must fail before Ray starts: (override, what the one-line error names).
-BAD_OVERRIDES = [("train.epochs=-1", "train.epochs"), ("train.epoch=3", "unknown key 'train.epoch'")]
+PIPELINE_STEPS = ("pretrain", "10pct-finetune", "10pct-distill-r18_0.25x_sk0")
+# Configs that must fail before Ray starts: (command and config, override, what the one-line error names).
+BAD_OVERRIDES = [
+    ("pretrain experiments/quickstart_digits.yaml", "train.epochs=-1", "train.epochs"),
+    ("pretrain experiments/quickstart_digits.yaml", "train.epoch=3", "unknown key 'train.epoch'"),
+    ("pipeline experiments/quickstart_pipeline.yaml", "label_fractions=[0]", "label_fractions"),
+]
 RUNTIME_ENV = {
     "working_dir": str(REPO),  # ships experiments/ (and the code, which shadows the installed copy)
     "env_vars": {"RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120"},  # a data deadlock fails fast
 }
 HEAD_START_TIMEOUT_S = 120
-GOOD_JOB_TIMEOUT_S = 300
+GOOD_JOB_TIMEOUT_S = 480  # three stage runs; about 2 minutes on an idle 2-core machine
 BAD_JOB_TIMEOUT_S = 60
 
 
@@ -197,7 +209,7 @@ def _wait_terminal(client, job_id: str, timeout: float):
         time.sleep(1)
 
 
-def test_submitted_pretraining_succeeds_and_writes_its_run(ray_head, tmp_path):
+def test_submitted_pipeline_succeeds_and_writes_every_step(ray_head, tmp_path):
     from ray.job_submission import JobStatus
 
     client = ray_head.client()
@@ -206,23 +218,37 @@ def test_submitted_pretraining_succeeds_and_writes_its_run(ray_head, tmp_path):
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=RUNTIME_ENV)
     status = _wait_terminal(client, job_id, GOOD_JOB_TIMEOUT_S)
     logs = client.get_job_logs(job_id)
+    (tmp_path / "job.log").write_text(logs)  # the whole log, for a look after a failure
     assert status == JobStatus.SUCCEEDED, f"job {status}:\n{logs[-6000:]}"
 
     # The driver attached to this head (the Jobs API's RAY_ADDRESS) instead of starting a Ray of its own.
     assert client.get_job_info(job_id).driver_info is not None, "the driver never connected to this head"
-    run_dir = storage / "jobtest"
-    assert f"run directory: {run_dir}" in logs
+    assert "Started a local Ray instance" not in logs
+    root = storage / "jobtest"
+    assert f"pipeline directory: {root}" in logs
+
+    # The table: written in four forms, and printed in the job's logs exactly as in results.md.
+    for suffix in ("md", "csv", "json", "png"):
+        assert (root / f"results.{suffix}").stat().st_size > 0, suffix
+    table = (root / "results.md").read_text().strip()
+    assert table in logs, f"results table not in the job's logs:\n{table}\n---\n{logs[-4000:]}"
+    rows = json.loads((root / "results.json").read_text())
+    assert [row["method"] for row in rows] == ["fine-tuned", "distilled -> r18_0.25x_sk0"]
+    assert all(0.0 <= row["top1"] <= row["top5"] <= 1.0 for row in rows), rows
 
     from raytrain_ssl.config import load_config
 
-    saved = load_config(run_dir / "config.yaml")
-    assert (saved.ray.name, saved.ray.storage_path, saved.train.max_steps) == ("jobtest", str(storage), 2)
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["metrics"]["step"] == 2
-    checkpoints = sorted(d for d in run_dir.glob("checkpoint_*") if d.is_dir())  # not checkpoint_manager_*.json
-    assert checkpoints and result["checkpoint"] == str(checkpoints[-1])
-    assert any(checkpoints[-1].iterdir())
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.parent.name for p in root.glob("*/result.json")) == sorted(PIPELINE_STEPS)
+    for step in PIPELINE_STEPS:
+        run_dir = root / step
+        saved = load_config(run_dir / "config.yaml")
+        assert (saved.ray.name, saved.ray.storage_path, saved.train.max_steps) == (step, str(root), 2), step
+        result = json.loads((run_dir / "result.json").read_text())
+        checkpoints = sorted(d for d in run_dir.glob("checkpoint_*") if d.is_dir())  # not checkpoint_manager_*.json
+        assert checkpoints and result["checkpoint"] == str(checkpoints[-1]), step
+        assert any(checkpoints[-1].iterdir()), step
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), step
+    assert json.loads((root / "pretrain" / "result.json").read_text())["metrics"]["step"] == 2
 
 
 def test_a_bad_config_fails_fast_with_one_line(ray_head, tmp_path):
@@ -230,15 +256,16 @@ def test_a_bad_config_fails_fast_with_one_line(ray_head, tmp_path):
 
     client = ray_head.client()
     started = time.monotonic()
+    where = {"pretrain": f"ray.storage_path={shlex.quote(str(tmp_path))} ray.name=bad",
+             "pipeline": f"storage_path={shlex.quote(str(tmp_path))} name=bad"}  # fmt: skip
     jobs = {
         override: client.submit_job(
-            entrypoint=f"{CLI} pretrain experiments/quickstart_digits.yaml {override} "
-            f"ray.storage_path={shlex.quote(str(tmp_path))} ray.name=bad",
+            entrypoint=f"{CLI} {command} {shlex.quote(override)} {where[command.split()[0]]}",
             runtime_env=RUNTIME_ENV,
         )
-        for override, _ in BAD_OVERRIDES
+        for command, override, _ in BAD_OVERRIDES
     }
-    for override, names in BAD_OVERRIDES:
+    for _, override, names in BAD_OVERRIDES:
         job_id = jobs[override]
         status = _wait_terminal(client, job_id, BAD_JOB_TIMEOUT_S - (time.monotonic() - started))
         logs = client.get_job_logs(job_id)

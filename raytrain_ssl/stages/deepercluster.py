@@ -7,7 +7,8 @@ each) and gives every image a (super, sub) pseudo-label, identical on all ranks;
 re-initialised, since cluster indices mean nothing from one round to the next. Per step, on every worker:
 rotated crops with their rotation index and image key from Ray Data -> pseudo-labels looked up by key ->
 encoder -> super-class head (m clusters x R rotations) and the sub-class head of the sample's super-class ->
-`clustering.deepercluster_loss` -> optimiser step -> warmup+cosine schedule.
+`clustering.deepercluster_loss` -> non-finite check on all workers (`train.nonfinite_loss`, nonfinite.py) ->
+optimiser step -> warmup+cosine schedule.
 
 Special cases by config, same code: DeepCluster is num_rotations=1, num_super_clusters=1 (k =
 num_sub_clusters); RotNet is num_super_clusters=1, num_sub_clusters=1 (no clustering round at all).
@@ -35,6 +36,7 @@ from raytrain_ssl.models import create_encoder
 from raytrain_ssl.optim import build_optimizer, build_scheduler, scaled_learning_rate
 from raytrain_ssl.stages.cluster_round import PseudoLabels, assign_pseudo_labels, embed_keyed_shard
 from raytrain_ssl.stages.knn_monitor import knn_eval
+from raytrain_ssl.stages.nonfinite import LossGuard, refuse_retry_after_stop
 from raytrain_ssl.stages.pretrain import Progress, StepTimer, steps_per_epoch
 from raytrain_ssl.stages.worker_env import WorkerEnv, setup_worker, timed_batches, unwrap
 from raytrain_ssl.tensorboard_logger import make_logger
@@ -113,6 +115,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     warmup_steps = round(cfg.optim.warmup_epochs * per_epoch)
     scheduler = build_scheduler(optimizer, min(warmup_steps, total_steps), total_steps)
 
+    refuse_retry_after_stop(loop_config["run_dir"])  # a retry after train.nonfinite_loss=stop stops again
     progress, pseudo = Progress(), None
     state = load_latest_in_worker()
     if state is not None:
@@ -122,6 +125,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     tb = make_logger(Path(loop_config["run_dir"]) / "tensorboard", env.is_main)
     tb.text("config", f"```\n{json.dumps(loop_config['config'], indent=2)}\n```", progress.global_step)
+    guard = LossGuard(cfg.train.nonfinite_loss, model, tb, loop_config["run_dir"])  # model: the buffers to put back
     train_shard = env.dataset_shard("train")
     if state is None and cfg.eval.knn_at_start:
         _knn(cfg, env, model, progress, tb)  # the random-init baseline the curve starts from
@@ -132,7 +136,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.train()
         remaining = min(per_epoch - progress.step_in_epoch, total_steps - progress.global_step)
         batches = env.epoch_batches(train_shard, cfg, progress.epoch)
-        _run_epoch(cfg, env, model, optimizer, scheduler, pseudo, batches, remaining, progress, tb)
+        _run_epoch(cfg, env, model, optimizer, scheduler, pseudo, batches, remaining, progress, tb, guard)
         progress.epoch += 1  # the pass ended: planned steps done, data exhausted, or max_steps reached
         progress.step_in_epoch = 0
         metrics = {**_epoch_metrics(cfg, env, model, progress, tb), **cluster_metrics}
@@ -181,20 +185,22 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, pseudo, batches, remaining, progress, tb):
+def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, pseudo, batches, remaining, progress, tb, guard):
     timer = StepTimer()
     autocast = env.autocast()
     for done, batch, waited in timed_batches(batches, remaining):
         timer.data_seconds += waited
         images = to_float_images(batch["image"], env.channels_last)
         super_target, sub_target, weights = _targets(cfg, pseudo, batch["key"], batch["rotation"])
+        guard.before_forward()
         with autocast:
             super_logits, sub_logits = model(images, super_target)
         loss = deepercluster_loss(super_logits, sub_logits, super_target, sub_target, weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        if not guard.skip_step(loss, progress):  # same answer on every worker; raises for nonfinite_loss=stop
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()  # a skipped step still counts: the schedule and step numbers stay on course
         progress.global_step += 1
         progress.step_in_epoch += 1
         timer.images += images.shape[0] * env.world_size

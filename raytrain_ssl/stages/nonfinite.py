@@ -1,6 +1,6 @@
 """Non-finite losses (NaN, inf): found at every step, handled alike on every worker (`train.nonfinite_loss`).
 
-The train loops (pretrain.py, classifier_loop.py) call, per step:
+The train loops (pretrain.py, deepercluster.py, classifier_loop.py) call, per step:
 
     guard.before_forward()                       # "skip" only: keep the BatchNorm statistics of now
     loss = ...

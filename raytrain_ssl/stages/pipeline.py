@@ -30,15 +30,15 @@ log = logging.getLogger("raytrain_ssl.pipeline")
 RESULTS = "results"
 
 
-class PipelineConfig(Section):
-    stage: str = Field("pipeline", pattern="^pipeline$")
-    name: str | None = Field(None, description="pipeline directory under storage_path (None: pipeline-<time>)")
-    storage_path: str = Field("./runs", description="where the pipeline directory goes")
+class RecipeConfig(Section):
+    """The SimCLRv2 recipe's sections and chaining switches, shared by `pipeline` and `sweep` files."""
+
+    name: str | None = Field(None, description="directory under storage_path")
+    storage_path: str = Field("./runs", description="where the directory goes")
     label_fractions: list[float] = Field([0.1], min_length=1, description="fine-tune at each fraction")
     subset_seed: int = Field(0, description="seed of the class-balanced subsets")
     students: list[str] = Field([], description="models to distil into (empty: the pretrained model itself)")
     supervised_baseline: bool = Field(True, description="also train from scratch on each subset")
-    linear_probe: bool = Field(True, description="also score a linear probe of the pretrained encoder")
     distill_from_pretrained: bool = Field(
         False, description="start a student of the pretrained architecture from the pretrained encoder"
     )
@@ -53,8 +53,13 @@ class PipelineConfig(Section):
     def _fractions(cls, values: list[float]) -> list[float]:
         bad = [v for v in values if not 0 < v <= 1]
         if bad:
-            raise ValueError(f"label fractions must be in (0, 1], got {bad}")
+            raise ValueError("each label fraction must be in (0, 1]")
         return values
+
+
+class PipelineConfig(RecipeConfig):
+    stage: str = Field("pipeline", pattern="^pipeline$")
+    linear_probe: bool = Field(True, description="also score a linear probe of the pretrained encoder")
 
 
 @dataclass(frozen=True)
@@ -72,33 +77,41 @@ def load_pipeline(path: str | None, overrides: list[str]) -> PipelineConfig:
     return validate(PipelineConfig, apply_overrides(raw, overrides))
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_sections(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_sections(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
-def stage_config(pipe: PipelineConfig, stage: str, settings: dict, key: str, overrides: list[str]) -> Section:
-    """A stage's config: shared sections, then the stage's settings, then the step's own keys."""
+def stage_config(
+    pipe: RecipeConfig, stage: str, settings: dict, key: str, overrides: list[str], storage: Path | None = None
+) -> Section:
+    """A stage's config: shared sections, then the stage's settings, then the step's own keys; the run
+    directory is `<storage>/<key>` (storage: the pipeline directory unless given)."""
     from raytrain_ssl.config import STAGE_CONFIGS
 
-    raw = _merge(pipe.shared, settings)
-    raw = _merge(raw, {"stage": stage, "ray": {"storage_path": str(pipeline_dir(pipe)), "name": key}})
+    storage = storage if storage is not None else pipeline_dir(pipe)
+    raw = merge_sections(pipe.shared, settings)
+    raw = merge_sections(raw, {"stage": stage, "ray": {"storage_path": str(storage), "name": key}})
     cls = STAGE_CONFIGS[stage]
     raw = apply_overrides(raw, [expand_alias(text, cls) for text in overrides])
     try:
         return validate(cls, raw)
     except ConfigError as exc:
-        raise ConfigError(f"pipeline step {key}: {exc}") from None
+        raise ConfigError(f"{pipe.stage} step {key}: {exc}") from None
 
 
-def pipeline_dir(pipe: PipelineConfig) -> Path:
+def recipe_dir(recipe: RecipeConfig, default_name: str) -> Path:
     from raytrain_ssl.launch import resolve_run_paths
     from raytrain_ssl.config import RaySection
 
-    paths = resolve_run_paths(RaySection(storage_path=pipe.storage_path, name=pipe.name or "pipeline"), "pipeline")
-    return paths.run_dir
+    ray_cfg = RaySection(storage_path=recipe.storage_path, name=recipe.name or default_name)
+    return resolve_run_paths(ray_cfg, default_name).run_dir
+
+
+def pipeline_dir(pipe: PipelineConfig) -> Path:
+    return recipe_dir(pipe, "pipeline")
 
 
 def fraction_tag(fraction: float) -> str:
@@ -114,9 +127,9 @@ def plan(pipe: PipelineConfig) -> list[Step]:
     students = pipe.students or [pretrain.model.name]
     for fraction in pipe.label_fractions:
         tag = fraction_tag(fraction)
-        subset = str(root / "subsets" / f"{tag}.txt")
+        subset = str(subset_file(root, fraction))
         if pipe.supervised_baseline:
-            settings = _merge(pipe.finetune, pipe.supervised)
+            settings = merge_sections(pipe.finetune, pipe.supervised)
             overrides = [f"label_subset={subset}", "pretrained=null", f"model.name={pretrain.model.name}"]
             steps.append(Step(f"{tag}-supervised", "finetune", stage_config(pipe, "finetune", settings, f"{tag}-supervised", overrides), fraction))
         overrides = [f"label_subset={subset}", f"pretrained={pretrained}"]
@@ -130,16 +143,20 @@ def plan(pipe: PipelineConfig) -> list[Step]:
     return steps
 
 
-def write_subsets(pipe: PipelineConfig, finetune_cfg) -> None:
+def subset_file(root: Path, fraction: float) -> Path:
+    return root / "subsets" / f"{fraction_tag(fraction)}.txt"
+
+
+def write_subsets(pipe: RecipeConfig, finetune_cfg, root: Path | None = None) -> None:
     """One class-balanced subset file per fraction, drawn once and shared by every step of that fraction."""
     from raytrain_ssl.data.paths import resolve_data_paths
     from raytrain_ssl.data.subsets import SubsetError, draw_balanced_subset, read_labeled_index, write_subset
 
-    root = pipeline_dir(pipe)
+    root = root if root is not None else pipeline_dir(pipe)
     train = resolve_data_paths(finetune_cfg.data, str(root)).train
     index = read_labeled_index(train)
     for fraction in pipe.label_fractions:
-        path = root / "subsets" / f"{fraction_tag(fraction)}.txt"
+        path = subset_file(root, fraction)
         if path.is_file():
             continue
         try:
@@ -171,7 +188,7 @@ def probe_step(pipe: PipelineConfig, fraction: float) -> dict:
     out = root / "linear_probe" / f"{fraction_tag(fraction)}.json"
     if out.is_file():
         return json.loads(out.read_text())
-    subset = root / "subsets" / f"{fraction_tag(fraction)}.txt"
+    subset = subset_file(root, fraction)
     request = EvalRequest(str(root / "pretrain"), knn=False, linear_probe=True, label_subset=str(subset))
     results = evaluate_run(request)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,146 @@
+"""Real sweeps on the test run's local Ray: Tune trials that are Ray Train runs, chained stage by stage.
+
+Tiny on purpose (digits at 16 px, 1-worker trials of half a CPU, 4 at a time, a few steps per stage); even
+so every trial pays Ray Train's start-up (controller, worker, dataset actors), about 90-120 s a phase here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raytrain_ssl.sweep.config import load_sweep
+from raytrain_ssl.sweep.runner import SweepInterrupted, run_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "experiments" / "sweeps" / "digits_tiny.yaml")
+FEW_STEPS = [
+    "max_concurrent_trials=4", "trial.cpus_per_worker=0.5",
+    "pretrain.train.epochs=1", "pretrain.train.max_steps=2", "pretrain.train.global_batch_size=128",
+    "pretrain.eval.knn_every_epochs=1", "pretrain.eval.knn_k=10", "pretrain.train.log_every_steps=1",
+    "finetune.train.epochs=2", "finetune.train.global_batch_size=32", "finetune.eval.every_epochs=2",
+    "finetune.train.log_every_steps=2",
+    "distill.train.epochs=1", "distill.train.max_steps=3", "distill.train.global_batch_size=64",
+    "distill.eval.every_epochs=1", "distill.train.log_every_steps=1",
+]  # fmt: skip
+
+pytestmark = pytest.mark.timeout(1200)
+
+
+def _trial_files(root: Path, phase: str) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime for p in (root / phase).glob(f"*/{'trial.json'}")}
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(ray_local, tmp_path_factory):
+    """2 model widths x 2 label fractions, through fine-tune and distillation into the smaller width;
+    interrupted (SIGUSR1: Tune's graceful stop, as Ctrl+C) once the first fine-tuning trial has finished,
+    then resumed with --resume. One sweep serves every test here (each trial is a real Ray Train run)."""
+    storage = tmp_path_factory.mktemp("sweep")
+    sweep = load_sweep(TINY, [f"storage_path={storage}", "name=tiny", *FEW_STEPS])
+    root = storage / "tiny"
+    start = time.monotonic()
+    with _interrupt_when(lambda: _trial_files(root, "finetune")):
+        with pytest.raises(SweepInterrupted, match="--resume"):
+            run_sweep(sweep)
+    cut = {phase: _trial_files(root, phase) for phase in ("pretrain", "finetune", "distill")}
+    checkpoints = {key: _checkpoints(root / "finetune" / key) for key in cut["finetune"]}
+    summary = run_sweep(sweep, resume=True)
+    print(f"tiny sweep, interrupted and resumed: {time.monotonic() - start:.1f} s")
+    return sweep, Path(summary["sweep_dir"]), summary["rows"], cut, checkpoints
+
+
+@contextlib.contextmanager
+def _interrupt_when(condition):
+    """Send this process SIGUSR1 (Tune stops the experiment gracefully) once `condition()` is true."""
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if condition():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.2)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # a signal outside Tune's run must not end pytest
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def _checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.glob("checkpoint_*"))
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tiny_sweep):
+    _, root, rows, cut, checkpoints = tiny_sweep
+    assert len(cut["pretrain"]) == 2 and 1 <= len(cut["finetune"]) < 4 and not cut["distill"]
+    for key, mtime in cut["finetune"].items():  # finished before the cut: never run again
+        assert _trial_files(root, "finetune")[key] == mtime
+        assert _checkpoints(root / "finetune" / key) == checkpoints[key]
+    assert _trial_files(root, "pretrain") == cut["pretrain"]
+    assert len(_trial_files(root, "finetune")) == 4 and len(_trial_files(root, "distill")) == 4
+
+
+def test_every_trial_ran_and_chained_to_its_source(tiny_sweep):
+    sweep, root, rows, _, _ = tiny_sweep
+    by_phase = {phase: [r for r in rows if r["phase"] == phase] for phase in ("pretrain", "finetune", "distill")}
+    assert [len(by_phase[p]) for p in ("pretrain", "finetune", "distill")] == [2, 4, 4]
+    assert all(r["status"] == "done" for r in rows), [r["status"] for r in rows]
+    pretrained = {r["run_dir"]: r["model"] for r in by_phase["pretrain"]}
+    assert sorted(pretrained.values()) == ["r18_0.125x_sk0", "r18_0.25x_sk0"]
+    for r in by_phase["finetune"]:
+        saved = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+        assert saved["finetune"]["pretrained"] == r["source"]  # the trial started from that checkpoint
+        assert pretrained[r["source"]] == r["model"]
+        assert 0 <= r["top1"] <= 1 and r["labeled_images"] == len(_ids(Path(r["run_dir"]) / "label_subset.txt"))
+    finetuned = {r["run_dir"]: r for r in by_phase["finetune"]}
+    assert {r["source"] for r in by_phase["distill"]} == set(finetuned)  # every teacher distilled
+    for r in by_phase["distill"]:
+        saved = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+        assert saved["distill"]["teacher"] == r["source"] and saved["model"]["name"] == "r18_0.125x_sk0"
+        assert r["teacher_model"] == finetuned[r["source"]]["model"]
+        assert r["label_fraction"] == finetuned[r["source"]]["label_fraction"]
+    # One subset file per fraction, shared by every trial of that fraction.
+    for fraction, tag in ((0.05, "5pct"), (0.2, "20pct")):
+        shared = _ids(root / "subsets" / f"{tag}.txt")
+        assert len(shared) == round(fraction * 1437, -1) or abs(len(shared) - fraction * 1437) < 10
+        for r in (r for r in by_phase["finetune"] if r["label_fraction"] == fraction):
+            assert _ids(Path(r["run_dir"]) / "label_subset.txt") == shared
+
+
+def _ids(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+
+
+def test_table_plot_and_tensorboard(tiny_sweep):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, root, rows, _, _ = tiny_sweep
+    table = (root / "results.csv").read_text().splitlines()
+    assert len(table) == 1 + 10 and table[0].startswith("phase,method,model,params_m,label_fraction")
+    assert "| distilled | r18_0.125x_sk0 |" in (root / "results.md").read_text()
+    assert (root / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((root / "results.json").read_text()) == rows or len(rows) == 10
+    params = {r["model"]: r["params_m"] for r in rows}
+    assert params["r18_0.125x_sk0"] < params["r18_0.25x_sk0"]
+    for r in rows:
+        acc = EventAccumulator(str(Path(r["run_dir"]) / "tensorboard"))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        assert "hparams/top1" in tags, r["key"]
+        assert any(t.startswith("train/") for t in tags), (r["key"], tags)
+        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    assert sorted(p.name for p in (root / "tune").iterdir()) == ["distill", "finetune", "pretrain"]
