@@ -121,11 +121,23 @@ def _print_summary(summary: dict) -> None:
     print(f"run directory: {summary['run_dir']}   (tensorboard --logdir {summary['run_dir']})")
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but `key=value` overrides may also follow a flag (`CONFIG --resume k=v`): argparse
+    ends a `*` positional at the first flag and would call the rest unrecognized."""
+    args, extra = parser.parse_known_args(argv)
+    late = [text for text in extra if "=" in text and not text.startswith("-")]
+    if extra != late or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*(args.overrides or []), *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints would show twice
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

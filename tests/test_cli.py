@@ -31,6 +31,15 @@ def test_print_config_resolves_file_and_overrides(capsys):
     assert "epochs: 2" in out and "name: r18_0.25x_sk0" in out
 
 
+def test_overrides_may_follow_a_flag(capsys):
+    assert main(["pretrain", "experiments/quickstart_digits.yaml", "--print-config", "train.epochs=3"]) == 0
+    assert "epochs: 3" in capsys.readouterr().out
+    assert main(["sweep", "experiments/sweeps/digits_tiny.yaml", "--print-config", "label_fractions=[0.5]"]) == 0
+    assert "label_fractions:\n- 0.5\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["pretrain", "experiments/quickstart_digits.yaml", "--print-config", "--bogus"])
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
