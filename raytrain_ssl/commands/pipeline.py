@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
-from raytrain_ssl.config import describe_options
-
 DESCRIPTION = """\
 The whole SimCLRv2 recipe in one command: pretrain once; for each label fraction draw one class-balanced
 subset, train the supervised baseline on it, probe the pretrained encoder on it, fine-tune on it and
@@ -18,18 +14,12 @@ Overrides are key=value, e.g. label_fractions=[0.01,0.1] pretrain.train.epochs=5
 
 
 def register(subparsers) -> None:
+    from raytrain_ssl.commands import add_recipe_parser
     from raytrain_ssl.stages.pipeline import PipelineConfig
 
-    parser = subparsers.add_parser(
-        "pipeline", help="pretrain -> fine-tune -> distill -> results table, in one command",
-        description=DESCRIPTION + "\nKeys:\n" + "\n".join(describe_options(PipelineConfig)),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    parser.add_argument("config", nargs="?", help="pipeline YAML (e.g. experiments/quickstart_pipeline.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    parser.add_argument("--print-config", action="store_true", help="print every step's resolved config and exit")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    parser.set_defaults(handler=run_command)
+    add_recipe_parser(subparsers, "pipeline", "pretrain -> fine-tune -> distill -> results table, in one command",
+                      DESCRIPTION, PipelineConfig, "pipeline YAML (e.g. experiments/quickstart_pipeline.yaml)",
+                      run_command)  # fmt: skip
 
 
 def run_command(args) -> int:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
-from raytrain_ssl.config import describe_options
-
 DESCRIPTION = """\
 Produce SimCLRv2's table for your data: pretrain every model once, fine-tune each at every label fraction
 (one shared class-balanced subset per fraction), distil the best fine-tuned teacher of each into every
@@ -19,19 +15,14 @@ Overrides are key=value, e.g. label_fractions=[0.01,0.1] max_concurrent_trials=2
 
 
 def register(subparsers) -> None:
+    from raytrain_ssl.commands import add_recipe_parser
     from raytrain_ssl.sweep.config import SweepConfig
 
-    parser = subparsers.add_parser(
-        "sweep", help="Ray Tune sweep of model size x label fraction through pretrain, fine-tune and distill",
-        description=DESCRIPTION + "\nKeys:\n" + "\n".join(describe_options(SweepConfig)),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_recipe_parser(
+        subparsers, "sweep", "Ray Tune sweep of model size x label fraction through pretrain, fine-tune and distill",
+        DESCRIPTION, SweepConfig, "sweep YAML (e.g. experiments/sweeps/digits_tiny.yaml)", run_command,
     )  # fmt: skip
-    parser.add_argument("config", help="sweep YAML (e.g. experiments/sweeps/digits_tiny.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep in the same directory")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved sweep and exit")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    parser.set_defaults(handler=run_command)
 
 
 def run_command(args) -> int:

@@ -217,11 +217,13 @@ class SweepProgress(tune.Callback):
     """One line per trial event: done / running / pending / failed, and the best result so far."""
 
     def __init__(self, phase: str, metric: str, mode: str):
-        self.phase, self.metric, self.mode = phase, metric, mode
+        # Pretraining trials are watched by the kNN top-1 of their encoder (higher is better).
+        self.phase = phase
+        self.metric, self.mode = ("knn_top1", "max") if phase == "pretrain" else (metric, mode)
         self.best: tuple[float, str] | None = None
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        value = result.get(self.metric, result.get("top1"))
+        value = result.get(self.metric)
         if not isinstance(value, (int, float)):
             return
         if self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0]):

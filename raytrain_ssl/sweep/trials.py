@@ -187,5 +187,6 @@ def trial_main(params: dict, sweep: dict, root: str, phase: str, chain: dict) ->
         logging_module.basicConfig(level=logging_module.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     plan = plan_trial(SweepConfig.model_validate(sweep), Path(root), phase, params, chain)
     row = run_trial(plan)
-    tune.report({"trial_complete": 1, "val_top1": row["top1"], "val_top5": row["top5"], "top1": row["top1"],
-                 "top5": row["top5"], "wall_s": row["wall_s"], "run_key": row["key"]})  # fmt: skip
+    prefix = "knn" if phase == "pretrain" else "val"  # what top1/top5 are: kNN of the encoder, or validation
+    tune.report({"trial_complete": 1, f"{prefix}_top1": row["top1"], f"{prefix}_top5": row["top5"],
+                 "top1": row["top1"], "top5": row["top5"], "wall_s": row["wall_s"], "run_key": row["key"]})  # fmt: skip

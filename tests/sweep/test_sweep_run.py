@@ -144,3 +144,18 @@ def test_table_plot_and_tensorboard(tiny_sweep):
         assert any(t.startswith("train/") for t in tags), (r["key"], tags)
         assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
     assert sorted(p.name for p in (root / "tune").iterdir()) == ["distill", "finetune", "pretrain"]
+
+
+def test_more_concurrent_trials_than_fit_queue_instead_of_failing(ray_local, caplog):
+    """The test Ray has 4 logical CPUs, one kept for Ray Data: 2-worker trials fit one at a time."""
+    from raytrain_ssl.launch import ResourceError
+    from raytrain_ssl.sweep.runner import concurrency, connect
+
+    sweep = load_sweep(TINY, ["trial.num_workers=2", "max_concurrent_trials=5"])
+    connect(sweep)  # attaches to the running Ray; one trial fits
+    with caplog.at_level("WARNING", logger="raytrain_ssl.sweep"):
+        assert concurrency(sweep) == 1
+    assert "running 1 at a time, the rest queue" in caplog.text
+    assert concurrency(load_sweep(TINY, ["trial.num_workers=1", "max_concurrent_trials=2"])) == 2
+    with pytest.raises(ResourceError, match="can never be met"):
+        connect(load_sweep(TINY, ["trial.num_workers=4"]))  # one trial alone can never fit: refused
