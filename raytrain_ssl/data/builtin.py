@@ -51,8 +51,27 @@ def materialize_builtin(spec: str, root: str | Path) -> dict[str, Path]:
     is_test = per_class_index % TEST_EVERY == TEST_EVERY - 1
     classes = [str(c) for c in range(10)]
     for split, mask in (("train", ~is_test), ("test", is_test)):
-        _write_split(splits[split], images[mask], labels[mask], np.flatnonzero(mask), classes, name)
+        if not (splits[split] / MANIFEST_NAME).is_file():
+            _publish_split(splits[split], images[mask], labels[mask], np.flatnonzero(mask), classes, name)
     return splits
+
+
+def _publish_split(out: Path, images, labels, source_index, classes, name) -> None:
+    """Write into a private directory, then rename it into place: runs that start together (sweep trials)
+    may both write the dataset, and a reader must never see another writer's half-written shard."""
+    import shutil
+    import uuid
+
+    staging = out.parent / f".{out.name}.{uuid.uuid4().hex}"
+    _write_split(staging, images, labels, source_index, classes, name)
+    if out.is_dir() and not (out / MANIFEST_NAME).is_file():  # left half-written by an older crash
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        staging.rename(out)
+    except OSError:  # another run published it first (same bytes): keep theirs
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (out / MANIFEST_NAME).is_file():
+            raise
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:

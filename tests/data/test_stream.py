@@ -70,3 +70,17 @@ def test_builtin_digits_split_is_stratified_and_in_shard_format(tmp_path):
         for f in split.glob("*.parquet"):
             ids |= set(pq.read_table(f).column("id").to_pylist())
     assert len(ids) == 1797  # no image in both splits
+
+
+def test_builtin_dataset_written_by_runs_starting_together_is_whole(tmp_path):
+    """Sweep trials start together and both write the dataset: each split appears at once, complete."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stale = tmp_path / "digits" / "train"
+    stale.mkdir(parents=True)
+    (stale / "shard-00009.parquet").write_bytes(b"half a file")  # an older crash's leftover, no manifest
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: materialize_builtin("builtin:digits", tmp_path), range(4)))
+    assert all(r == results[0] for r in results)
+    assert count_rows(str(results[0]["train"])) + count_rows(str(results[0]["test"])) == 1797
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["test", "train"]  # no staging left
