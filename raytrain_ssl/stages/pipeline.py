@@ -214,7 +214,18 @@ def run_pipeline(pipe: PipelineConfig) -> dict:
             results[step.key] = run_step(step)
     table = results_table(pipe, results)
     write_results(root, table)
+    write_curves(root, steps)
     return {"pipeline_dir": str(root), "table": table}
+
+
+def write_curves(root: Path, steps: list[Step]) -> None:
+    """curves.png: every step's learning curves, read back from its TensorBoard events."""
+    from raytrain_ssl.evaluation.curves import plot_curves
+
+    dirs = {step.key: root / step.key for step in steps}
+    pretrain = {key: path for key, path in dirs.items() if key == "pretrain"}
+    classifiers = {key: path for key, path in dirs.items() if key != "pretrain"}
+    plot_curves(pretrain, classifiers, root / "curves.png")
 
 
 def results_table(pipe: PipelineConfig, results: dict) -> list[dict]:

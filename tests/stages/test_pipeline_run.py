@@ -56,6 +56,7 @@ def test_pipeline_chains_stages_and_writes_the_table(tiny_pipeline):
     assert all(0.0 <= row["top1"] <= row["top5"] <= 1.0 for row in summary["table"])
     for suffix in ("md", "csv", "json", "png"):
         assert (root / f"results.{suffix}").stat().st_size > 0
+    assert (root / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
     results = {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/result.json")}
     assert set(results) == {"pretrain", "10pct-supervised", "10pct-finetune", "10pct-distill-r18_0.25x_sk0"}
