@@ -25,7 +25,7 @@ def markdown_table(rows: list[dict]) -> str:
     ]
     for r in sort_rows(rows):
         labels = f"{100 * r['label_fraction']:g}%" if r.get("label_fraction") is not None else "-"
-        source = Path(r["source"]).name if r.get("source") else "-"
+        source = "/".join(Path(r["source"]).parts[-2:]) if r.get("source") else "-"  # <phase or run>/<run>
         settings = ", ".join(f"{k}={v}" for k, v in (r.get("hparams") or {}).items()) or "-"
         lines.append(
             f"| {r['method']} | {r['model']} | {r.get('params_m', '-')} | {labels} | {_pct(r.get('top1'))} | "

@@ -41,7 +41,7 @@ def test_results_files_hold_every_trial_in_stage_order(tmp_path):
     assert json.loads(table[4]["hparams"]) == {"optim.base_learning_rate": 0.1}
     assert set(table[0]) >= {"model", "params_m", "label_fraction", "phase", "top1", "top5", "wall_s", "source"}
     md = (tmp_path / "results.md").read_text()
-    assert "| fine-tuned | big | 2.8 | 10% | 85.00 | 99.00 | 12.5 | done | f1 | optim.base_learning_rate=0.1 |" in md
+    assert "| fine-tuned | big | 2.8 | 10% | 85.00 | 99.00 | 12.5 | done | src/f1 | optim.base_learning_rate=0.1 |" in md
     assert json.loads((tmp_path / "results.json").read_text())[0]["key"] == "p1"
     png = (tmp_path / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
