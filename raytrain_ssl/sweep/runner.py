@@ -80,8 +80,8 @@ def validate_plan(sweep: SweepConfig, root: Path) -> int:
             plan = plan_trial(sweep, root, phase, params, chain)
             next_chain[plan.key] = _chain_entry(plan.info, str(plan.run_dir))
             count += 1
-        chain = {k: v for k, v in next_chain.items() if not k.startswith(SCRATCH)} if phase != "finetune" else {
-            k: v for k, v in next_chain.items() if v.get("pretrained")}  # fmt: skip
+        # Every fine-tuning of a pretrained model may be a teacher (at run time only the best of its group).
+        chain = {k: v for k, v in next_chain.items() if v["pretrained"]} if phase == "finetune" else next_chain
     return count
 
 
