@@ -33,6 +33,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the Ray worker")
+    p.add_argument("--shuffle-buffer-rows", type=int, default=None,
+                   help="data.shuffle_buffer_rows of the Ray side (default: the config default)")  # fmt: skip
     return p.parse_args()
 
 
@@ -51,7 +53,7 @@ def overrides(args, storage: str, steps: int) -> list[str]:
         f"ray.cpus_per_worker={args.threads}",
         f"ray.storage_path={storage}",
         "ray.name=bench",
-    ]
+    ] + ([f"data.shuffle_buffer_rows={args.shuffle_buffer_rows}"] if args.shuffle_buffer_rows is not None else [])
 
 
 def ray_rate(args, storage: str) -> float:

@@ -17,6 +17,7 @@ Safety, in both directions:
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import shutil
@@ -24,14 +25,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import torch
-
-from raytrain_ssl.config import ConfigError
+from raytrain_ssl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
-_SAFE_LEAVES = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+PROGRESS_FILE = "progress.json"  # the counters of `state["progress"]`, readable without loading the weights
 
 
 class CheckpointError(ConfigError):
@@ -53,6 +52,9 @@ def save_checkpoint(state: dict, directory: str | Path) -> Path:
     An exception while writing removes the temporary file; a killed process may leave it, but no reader
     looks at it. Either way an existing `checkpoint.pt` is untouched and no truncated one appears.
     Refuses (CheckpointError) a state that weights-only loading could not read back."""
+    import torch  # torch only where a file is written or read: the Ray Train controller's data config reads
+    # checkpoint_epoch without loading torch (see data/augment.py for why that matters)
+
     directory = Path(directory)
     final, partial = directory / CHECKPOINT_FILE, directory / (CHECKPOINT_FILE + ".partial")
     try:
@@ -64,6 +66,10 @@ def save_checkpoint(state: dict, directory: str | Path) -> Path:
                 f"{', '.join(_unsafe_paths(state)) or 'an unknown key'}; checkpoints may hold only tensors, dicts, "
                 "lists, tuples, str, int, float, bool and None (they are loaded with weights_only=True)"
             )
+        if isinstance(state.get("progress"), dict):
+            progress = directory / (PROGRESS_FILE + ".partial")
+            progress.write_text(json.dumps(state["progress"]))
+            progress.replace(directory / PROGRESS_FILE)
         partial.replace(final)
     finally:
         partial.unlink(missing_ok=True)
@@ -72,7 +78,10 @@ def save_checkpoint(state: dict, directory: str | Path) -> Path:
 
 def _unsafe_paths(value, path: str = "state", limit: int = 3) -> list[str]:
     """Where in `value` the first `limit` objects other than safe leaves and containers are."""
-    if isinstance(value, _SAFE_LEAVES):
+    import torch
+
+    safe_leaves = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+    if isinstance(value, safe_leaves):
         return []
     if isinstance(value, dict):
         children = ((f"{path}[{k!r}]", v) for k, v in value.items())
@@ -160,12 +169,26 @@ def latest_checkpoint_dir(run_dir: str | Path, before: str | None = None) -> Pat
     raise FileNotFoundError(f"no checkpoint_*/{CHECKPOINT_FILE} under {run_dir}{detail}")
 
 
+def checkpoint_epoch(run_dir: str | Path) -> int:
+    """The epoch in progress (`progress.epoch`) at the run's newest complete checkpoint; 0 without one.
+
+    Read from the small progress file, not the weights: the Ray Train controller asks this when a worker
+    group starts (see data/train_ingest.py)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not _candidates(run_dir):
+        return 0
+    progress = json.loads((latest_checkpoint_dir(run_dir) / PROGRESS_FILE).read_text())
+    return int(progress["epoch"])
+
+
 def load_file(path: str | Path) -> dict:
     """`torch.load(path, weights_only=True)` on the CPU, with one-line errors.
 
     Raises `UnsafeCheckpointError` ("refusing to load") when the file holds pickled objects other than
     tensors and plain containers (nothing of it is run); `CheckpointError` ("cannot read") when it is
     truncated or corrupt."""
+    import torch
+
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

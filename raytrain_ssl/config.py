@@ -15,11 +15,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raytrain_ssl.errors import ConfigError  # noqa: F401  (re-exported: where callers have always found it)
 from raytrain_ssl.models.registry import parse_model_name
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with a one-line message naming the key and what is allowed."""
 
 
 class Section(BaseModel):
@@ -55,7 +52,14 @@ class DataSection(Section):
     )
     image_size: int = Field(224, ge=8, le=1024, description="side of the square training crops, in pixels")
     shuffle_seed: int = Field(0, description="seed of the per-epoch file and buffer shuffle")
-    shuffle_buffer_rows: int = Field(2048, ge=0, description="local shuffle buffer per worker (0: off)")
+    shuffle_buffer_rows: int = Field(
+        2048, ge=0, description="local shuffle buffer per worker, at most 1/8 of its epoch (0: off)"
+    )
+    ordered: bool = Field(
+        True,
+        description="training rows reach the workers in a seeded order, so a run restarted mid-epoch skips "
+        "exactly the batches it had trained on (false: Ray Data's faster unordered streaming)",
+    )
     decode_batch_size: int = Field(64, gt=0, description="images per Ray Data decode+augment task batch")
     decode_concurrency: int | None = Field(
         None, gt=0, description="max Ray Data decode tasks at once (None: Ray decides)"
@@ -119,6 +123,9 @@ class TrainSection(Section):
     channels_last: bool | None = Field(None, description="None: on for GPU workers")
     seed: int = 0
     log_every_steps: int = Field(10, gt=0)
+    record_batch_ids: bool = Field(
+        False, description="log every step's image keys per worker to <run_dir>/batch_ids/ (a data audit)"
+    )
     nonfinite_loss: Literal["stop", "skip"] = Field(
         "stop",
         description="a NaN/inf loss on any worker: stop (error naming the step; the last checkpoint stays the "

@@ -135,7 +135,7 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raytrain_ssl.data.train_ingest import ExactEvalDataConfig
+    from raytrain_ssl.data.train_ingest import StageDataConfig
 
     ray_cfg = cfg.ray
     resources = {"CPU": ray_cfg.cpus_per_worker}
@@ -157,7 +157,8 @@ def build_trainer(
             callbacks=tune_callbacks(),
         ),
         datasets=datasets,
-        dataset_config=ExactEvalDataConfig(),  # training streams equal per worker, evaluation streams exact
+        # Training streams equal per worker and replayable after a restart; evaluation streams exact.
+        dataset_config=StageDataConfig(str(Path(ray_cfg.storage_path) / ray_cfg.name), ordered=cfg.data.ordered),
     )
 
 

@@ -15,8 +15,10 @@ import torch
 from raytrain_ssl import checkpointing
 from raytrain_ssl.checkpointing import (
     CHECKPOINT_FILE,
+    PROGRESS_FILE,
     CheckpointError,
     UnsafeCheckpointError,
+    checkpoint_epoch,
     latest_checkpoint_dir,
     load_checkpoint,
     save_checkpoint,
@@ -104,7 +106,7 @@ def test_crash_inside_the_writer_leaves_the_previous_checkpoint_loadable(tmp_pat
             save_checkpoint(_state(6), target)
     monkeypatch.undo()
     assert sorted(p.name for p in third.iterdir()) == []
-    assert sorted(p.name for p in (run_dir / NEW).iterdir()) == [CHECKPOINT_FILE]
+    assert sorted(p.name for p in (run_dir / NEW).iterdir()) == [CHECKPOINT_FILE, PROGRESS_FILE]
     state = load_checkpoint(run_dir)
     assert state["progress"]["global_step"] == 4
 
@@ -224,3 +226,15 @@ def pretrain_encoder(cfg):
     from raytrain_ssl.models import create_encoder
 
     return create_encoder(cfg.model.name, small_image_stem=True)
+
+
+def test_checkpoint_epoch_is_the_progress_of_the_checkpoint_a_resume_takes(tmp_path):
+    """What the training streams replay from (data/train_ingest.py): read without loading the weights."""
+    assert checkpoint_epoch(tmp_path / "not_started") == 0
+    run_dir = tmp_path / "run"
+    for name, epoch in ((OLD, 1), (NEW, 3)):
+        (run_dir / name).mkdir(parents=True)
+        save_checkpoint({"encoder": {"w": torch.ones(2)}, "progress": {"epoch": epoch, "step_in_epoch": 5}}, run_dir / name)
+    assert checkpoint_epoch(run_dir) == 3
+    (run_dir / NEW / CHECKPOINT_FILE).write_bytes(b"")  # incomplete newest: a resume falls back to OLD
+    assert checkpoint_epoch(run_dir) == 1

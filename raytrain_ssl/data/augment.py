@@ -2,12 +2,19 @@
 
 Views leave as uint8 CHW tensors: 4x less to move through the object store than floats; the training
 worker converts to float in [0, 1] on its device (SimCLR feeds [0, 1] images without mean/std).
+
+torch and torchvision are imported inside the functions: the Ray Data map functions that use these are
+unpickled by every process that holds the dataset (Train controller, dataset manager, one split coordinator
+per stream), which then need not load torchvision (about 5 s of CPU and 600 MB each) to pass it on.
 """
 
 from __future__ import annotations
 
-import torch
-from torchvision.transforms import v2
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import v2
 
 
 def simclr_view_transform(
@@ -18,6 +25,8 @@ def simclr_view_transform(
     grayscale_probability: float = 0.2,
 ) -> v2.Compose:
     """One random SimCLR view of a PIL image: crop+resize, flip, colour jitter, greyscale, blur."""
+    from torchvision.transforms import v2
+
     s = color_jitter_strength
     ops = [
         v2.PILToTensor(),
@@ -35,6 +44,8 @@ def simclr_view_transform(
 
 def eval_transform(image_size: int) -> v2.Compose:
     """Deterministic evaluation view: shorter side to `image_size`, centre crop."""
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [v2.PILToTensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
     )
@@ -42,6 +53,8 @@ def eval_transform(image_size: int) -> v2.Compose:
 
 def finetune_transform(image_size: int, min_crop_scale: float = 0.08) -> v2.Compose:
     """SimCLRv2 fine-tuning augmentation: random crop and flip only."""
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             v2.PILToTensor(),
@@ -53,5 +66,7 @@ def finetune_transform(image_size: int, min_crop_scale: float = 0.08) -> v2.Comp
 
 def to_float_images(batch: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 (N,3,H,W) -> float32 in [0,1], on whatever device `batch` is on."""
+    import torch
+
     images = batch.float().div_(255.0)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images

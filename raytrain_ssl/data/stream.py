@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from raytrain_ssl.data.augment import eval_transform, finetune_transform, simclr_view_transform
 from raytrain_ssl.data.decode import BadImageError, decode_rgb
@@ -94,6 +93,8 @@ def read_shards(path: str, columns: list[str], shuffle_seed: int | None):
 def _reseed_task_rng() -> None:
     """Ray Data reuses worker processes that all start with torch's same default seed: without this,
     every process would draw the same crops for the same batch position."""
+    import torch  # here, not at the top: see data/augment.py
+
     torch.manual_seed(int.from_bytes(os.urandom(8), "little") % (2**63))
 
 
@@ -118,11 +119,13 @@ def two_view_batch_fn(spec: ViewSpec) -> Callable[[dict], dict]:
             spec.gaussian_blur,
             spec.grayscale_probability,
         )
-        view1, view2 = [], []
-        for _, image in _decode_rows(batch, spec):
+        view1, view2, ids = [], [], []
+        for i, image in _decode_rows(batch, spec):
             view1.append(transform(image).numpy())
             view2.append(transform(image).numpy())
-        return {"view1": _stack(view1, spec.image_size), "view2": _stack(view2, spec.image_size)}
+            ids.append(batch["id"][i])
+        views = {"view1": _stack(view1, spec.image_size), "view2": _stack(view2, spec.image_size)}
+        return {**views, "key": image_keys(ids)}
 
     return fn
 
@@ -149,14 +152,19 @@ def labeled_batch_fn(spec: ViewSpec, train: bool, keep_ids: frozenset[str] | Non
         _reseed_task_rng()
         batch = _keep_rows(batch, keep_ids)
         transform = finetune_transform(spec.image_size, spec.min_crop_scale) if train else eval_transform(spec.image_size)
-        images, labels = [], []
+        images, labels, ids = [], [], []
         for i, image in _decode_rows(batch, spec):
             label = batch["label"][i]
             if _is_null(label):
                 continue
             images.append(transform(image).numpy())
             labels.append(int(label))
-        return {"image": _stack(images, spec.image_size), "label": np.asarray(labels, dtype=np.int64)}
+            ids.append(batch["id"][i])
+        return {
+            "image": _stack(images, spec.image_size),
+            "label": np.asarray(labels, dtype=np.int64),
+            "key": image_keys(ids),
+        }
 
     return fn
 
@@ -168,13 +176,18 @@ def distill_batch_fn(spec: ViewSpec, labeled_ids: frozenset[str]) -> Callable[[d
     def fn(batch: dict) -> dict:
         _reseed_task_rng()
         transform = finetune_transform(spec.image_size, spec.min_crop_scale)
-        images, labels = [], []
+        images, labels, ids = [], [], []
         for i, image in _decode_rows(batch, spec):
             label = batch["label"][i]
             known = str(batch["id"][i]) in labeled_ids and not _is_null(label)
             images.append(transform(image).numpy())
             labels.append(int(label) if known else -1)
-        return {"image": _stack(images, spec.image_size), "label": np.asarray(labels, dtype=np.int64)}
+            ids.append(batch["id"][i])
+        return {
+            "image": _stack(images, spec.image_size),
+            "label": np.asarray(labels, dtype=np.int64),
+            "key": image_keys(ids),
+        }
 
     return fn
 
@@ -183,6 +196,17 @@ def _stack(arrays: list[np.ndarray], size: int) -> np.ndarray:
     if not arrays:
         return np.zeros((0, 3, size, size), dtype=np.uint8)
     return np.stack(arrays)
+
+
+def image_keys(ids) -> np.ndarray:
+    """A stable int64 key per image id (every stream carries it: the pseudo-label lookup of DeeperCluster,
+    the batch audit of `train.record_batch_ids`): the first 8 bytes of blake2b(id), sign bit cleared.
+
+    Ids are strings, which `iter_torch_batches` and torch collectives cannot carry; the key can. It depends on
+    the id alone (not on the order of a pass or on Python's per-process hash seed), so every Ray Data task and
+    every worker computes the same key. Two ids sharing a key are detected where the keys are gathered."""
+    keys = [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") for i in ids]
+    return np.asarray(keys, dtype=np.uint64).astype(np.int64) & np.int64(2**63 - 1)
 
 
 def pretrain_dataset(path: str, spec: ViewSpec, shuffle_seed: int, batch_size: int, concurrency: int | None):
@@ -231,18 +255,8 @@ def _task_pool(size: int | None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# DeeperCluster streams: images carry an integer key derived from their id, so a worker can look up the
-# pseudo-label of every image it trains on, and the clustering round can tell which features belong to whom.
-
-
-def image_keys(ids) -> np.ndarray:
-    """A stable int64 key per image id: the first 8 bytes of blake2b(id), sign bit cleared.
-
-    Ids are strings, which `iter_torch_batches` and torch collectives cannot carry; the key can. It depends on
-    the id alone (not on the order of a pass or on Python's per-process hash seed), so every Ray Data task and
-    every worker computes the same key. Two ids sharing a key are detected where the keys are gathered."""
-    keys = [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") for i in ids]
-    return np.asarray(keys, dtype=np.uint64).astype(np.int64) & np.int64(2**63 - 1)
+# DeeperCluster streams: a worker looks up the pseudo-label of every image it trains on by its key, and the
+# clustering round tells which features belong to whom.
 
 
 def rotation_batch_fn(spec: ViewSpec, num_rotations: int) -> Callable[[dict], dict]:
@@ -256,6 +270,8 @@ def rotation_batch_fn(spec: ViewSpec, num_rotations: int) -> Callable[[dict], di
 
     def fn(batch: dict) -> dict:
         _reseed_task_rng()
+        import torch
+
         # DeepCluster's augmentation: random resized crop and flip, no colour changes.
         transform = finetune_transform(spec.image_size, spec.min_crop_scale)
         images, rotations, ids = [], [], []

@@ -2,27 +2,63 @@
 
 from __future__ import annotations
 
+import logging
+
 import ray.train
+
+log = logging.getLogger(__name__)
 
 # Evaluation streams: every row must be scored exactly once.
 EVAL_DATASETS = frozenset({"val", "knn_bank", "knn_query"})
 
 
-class ExactEvalDataConfig(ray.train.DataConfig):
-    """Ray Train's DataConfig splits every dataset with `equal=True`: the same number of rows per worker,
-    which DDP training needs (equal step counts) but which drops up to world_size-1 rows. Evaluation
-    streams are split with `equal=False` instead, so accuracy counts every validation image."""
+class StageDataConfig(ray.train.DataConfig):
+    """Ray Train's DataConfig with two changes, both applied when a worker group first asks for its shards
+    (Ray Train V2 configures datasets lazily, after the workers have loaded their checkpoint):
+
+    - Evaluation streams are split with `equal=False`. The default `equal=True` gives every worker the
+      same number of rows, which DDP training needs (equal step counts) but which drops up to
+      world_size-1 rows: accuracy must count every validation image.
+    - Training streams can be replayed. Each epoch is one execution of the training dataset, and Ray Data
+      seeds its per-epoch file shuffle from the execution index, which restarts at 0 whenever a worker
+      group (after a worker failure) or a driver (`--resume`) starts again. With `run_dir` given, the
+      index starts at the epoch of the run's newest checkpoint instead, and with `ordered`, the rows reach
+      the workers in a deterministic order (Ray Data's preserve_order; the split then ignores locality).
+      Together they make the resumed epoch the same stream, row for row and worker for worker, as the
+      interrupted one, so the train loop can skip exactly the batches it had already trained on."""
+
+    def __init__(self, run_dir: str | None = None, ordered: bool = True):
+        super().__init__()
+        self._run_dir = run_dir
+        self._ordered = ordered
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        training = {name: ds for name, ds in datasets.items() if name not in EVAL_DATASETS}
-        output = super().configure(training, world_size, worker_handles, worker_node_ids, **kwargs)
+        start_epoch = _resume_epoch(self._run_dir)
+        output = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
-            if name not in EVAL_DATASETS:
-                continue
             if ds.name is None:
                 ds.set_name(name)
+            training = name not in EVAL_DATASETS
             ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            for rank, split in enumerate(ds.streaming_split(world_size, equal=False)):
+            options = self._resolve_execution_options(name)
+            if training:
+                options.preserve_order = options.preserve_order or self._ordered
+                ds.context._execution_idx = start_epoch  # no public setter: the seed of this epoch's shuffle
+            ds.context.execution_options = options
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for rank, split in enumerate(ds.streaming_split(world_size, equal=training, locality_hints=hints)):
                 output[rank][name] = split
         return output
+
+
+def _resume_epoch(run_dir: str | None) -> int:
+    """The epoch in progress at the run's newest complete checkpoint (0 for a fresh run)."""
+    from raytrain_ssl.checkpointing import checkpoint_epoch
+
+    if run_dir is None:
+        return 0
+    try:
+        return checkpoint_epoch(run_dir)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        log.warning("training streams start at epoch 0's shuffle: %s", exc)
+        return 0

@@ -83,7 +83,7 @@ def train_classifier(cfg, env: WorkerEnv, parts: StageParts, loop_config: dict) 
     while progress.epoch < cfg.train.epochs and progress.global_step < total_steps:
         model.train()
         remaining = min(steps_per_epoch - progress.step_in_epoch, total_steps - progress.global_step)
-        batches = env.epoch_batches(shard, cfg, progress.epoch)
+        batches = env.epoch_batches(shard, cfg, progress.epoch, steps_per_epoch, skip=progress.step_in_epoch)
         _run_epoch(cfg, env, parts, model, optimizer, scheduler, batches, remaining, progress, tb, checkpoint_state,
                    guard)  # fmt: skip
         progress.epoch += 1
@@ -122,13 +122,14 @@ def _run_epoch(cfg, env, parts, model, optimizer, scheduler, batches, remaining,
         scheduler.step()  # a skipped step still counts: the schedule and step numbers stay on course
         progress.global_step += 1
         progress.step_in_epoch += 1
+        env.record_batch(progress.epoch, progress.global_step, batch["key"])
         timer.images += images.shape[0] * env.world_size
         if progress.global_step % cfg.train.log_every_steps == 0:
             _log_step(tb, env, loss, step_metrics, optimizer, timer.window(), progress, cfg)
             timer = StepTimer()
         every = cfg.checkpoint.every_n_steps
         if every and progress.global_step % every == 0 and done < remaining:
-            step_metrics = {"loss": float(loss), "epoch": progress.epoch, "step": progress.global_step}
+            step_metrics = {"loss": float(loss.detach()), "epoch": progress.epoch, "step": progress.global_step}
             report(step_metrics, checkpoint_state() if env.is_main else None)
 
 

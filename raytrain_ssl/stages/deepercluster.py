@@ -95,7 +95,7 @@ def clustering_enabled(cfg: PretrainConfig) -> bool:
 def train_loop_per_worker(loop_config: dict) -> None:
     """What each Ray Train worker runs. `loop_config`: config (dict), run_dir, steps_per_epoch, datasets."""
     cfg = PretrainConfig.model_validate(loop_config["config"])
-    env = setup_worker(cfg.train, loop_config["datasets"])
+    env = setup_worker(cfg.train, loop_config["datasets"], loop_config["run_dir"])
     per_epoch = loop_config["steps_per_epoch"]
     total_steps = per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
@@ -135,7 +135,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             pseudo, cluster_metrics = _recluster(cfg, env, model, optimizer, pseudo, progress, tb)
         model.train()
         remaining = min(per_epoch - progress.step_in_epoch, total_steps - progress.global_step)
-        batches = env.epoch_batches(train_shard, cfg, progress.epoch)
+        batches = env.epoch_batches(train_shard, cfg, progress.epoch, per_epoch, skip=progress.step_in_epoch)
         _run_epoch(cfg, env, model, optimizer, scheduler, pseudo, batches, remaining, progress, tb, guard)
         progress.epoch += 1  # the pass ended: planned steps done, data exhausted, or max_steps reached
         progress.step_in_epoch = 0
@@ -203,6 +203,7 @@ def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, pseudo, batches
         scheduler.step()  # a skipped step still counts: the schedule and step numbers stay on course
         progress.global_step += 1
         progress.step_in_epoch += 1
+        env.record_batch(progress.epoch, progress.global_step, batch["key"])
         timer.images += images.shape[0] * env.world_size
         if progress.step_in_epoch == 1 and cfg.eval.view_grid_pairs:
             tb.image_grid("views/rotated_inputs", images[: 2 * cfg.eval.view_grid_pairs], progress.global_step)
@@ -212,7 +213,7 @@ def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, pseudo, batches
             timer = StepTimer()
         every = cfg.checkpoint.every_n_steps
         if every and progress.global_step % every == 0 and done < remaining:  # epoch end reports anyway
-            step_metrics = {"loss": float(loss), "epoch": progress.epoch, "step": progress.global_step}
+            step_metrics = {"loss": float(loss.detach()), "epoch": progress.epoch, "step": progress.global_step}
             report(step_metrics, _state(cfg, model, optimizer, scheduler, pseudo, progress) if env.is_main else None)
 
 

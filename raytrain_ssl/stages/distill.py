@@ -62,7 +62,7 @@ def init_student(student, path: str) -> None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = DistillConfig.model_validate(loop_config["config"])
-    env = setup_worker(cfg.train, loop_config["datasets"])
+    env = setup_worker(cfg.train, loop_config["datasets"], loop_config["run_dir"])
     spec = ClassifierSpec.from_dict(loop_config["spec"])
     student = spec.build()
     if loop_config["init"]:

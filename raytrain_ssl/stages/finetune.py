@@ -31,7 +31,7 @@ def cross_entropy_loss(model, images, labels):
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = FinetuneConfig.model_validate(loop_config["config"])
-    env = setup_worker(cfg.train, loop_config["datasets"])
+    env = setup_worker(cfg.train, loop_config["datasets"], loop_config["run_dir"])
     spec = ClassifierSpec.from_dict(loop_config["spec"])
     network = spec.build()
     if loop_config["pretrained"]:  # overwritten by the run's own checkpoint when Ray Train restarts it

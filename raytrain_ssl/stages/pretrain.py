@@ -82,7 +82,7 @@ class StepTimer:
 def train_loop_per_worker(loop_config: dict) -> None:
     """What each Ray Train worker runs. `loop_config`: config (dict), run_dir, steps_per_epoch."""
     cfg = PretrainConfig.model_validate(loop_config["config"])
-    env = setup_worker(cfg.train, loop_config["datasets"])
+    env = setup_worker(cfg.train, loop_config["datasets"], loop_config["run_dir"])
     steps_per_epoch = loop_config["steps_per_epoch"]
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
@@ -126,7 +126,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while progress.epoch < cfg.train.epochs and progress.global_step < total_steps:
         model.train()
         remaining = min(steps_per_epoch - progress.step_in_epoch, total_steps - progress.global_step)
-        batches = env.epoch_batches(train_shard, cfg, progress.epoch)
+        batches = env.epoch_batches(train_shard, cfg, progress.epoch, steps_per_epoch, skip=progress.step_in_epoch)
         _run_epoch(cfg, env, model, optimizer, scheduler, ema, queue, batches, remaining, progress, tb, guard)
         progress.epoch += 1  # the pass ended: planned steps done, data exhausted, or max_steps reached
         progress.step_in_epoch = 0
@@ -161,6 +161,7 @@ def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, ema, queue, bat
         scheduler.step()  # a skipped step still counts: the schedule and step numbers stay on course
         progress.global_step += 1
         progress.step_in_epoch += 1
+        env.record_batch(progress.epoch, progress.global_step, batch["key"])
         timer.images += view1.shape[0] * env.world_size
         if progress.step_in_epoch == 1 and cfg.eval.view_grid_pairs:
             _log_view_pairs(tb, view1, view2, cfg.eval.view_grid_pairs, progress.global_step)
@@ -169,7 +170,7 @@ def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, ema, queue, bat
             timer = StepTimer()
         every = cfg.checkpoint.every_n_steps
         if every and progress.global_step % every == 0 and done < remaining:  # epoch end reports anyway
-            step_metrics = {"loss": float(loss), "epoch": progress.epoch, "step": progress.global_step}
+            step_metrics = {"loss": float(loss.detach()), "epoch": progress.epoch, "step": progress.global_step}
             report(step_metrics, _state(cfg, model, optimizer, scheduler, ema, queue, progress) if env.is_main else None)
 
 

@@ -96,35 +96,61 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_path):
-    """SIGKILL one worker process mid-run: Ray Train restarts the group, which resumes from the
-    latest checkpoint and finishes the planned steps (FailureConfig(max_failures))."""
+    """SIGKILL one worker process in the middle of an epoch: Ray Train restarts the group, which resumes from
+    the latest checkpoint (FailureConfig(max_failures)), finishes the planned steps, and picks the data up
+    where that checkpoint left it: the rest of the interrupted epoch sees no image twice, and steps run
+    again after the restart trained on the same images as the first time."""
     import os
     import signal
     import threading
     import time
 
     overrides = TINY + [f"ray.storage_path={tmp_path}", "ray.name=crash", "train.epochs=20",
-                        "train.max_steps=60", "ray.max_failures=1", "eval.knn_every_epochs=null"]  # fmt: skip
+                        "train.max_steps=70", "train.global_batch_size=32", "ray.max_failures=1", "checkpoint.every_n_steps=4",
+                        "eval.knn_every_epochs=null", "train.record_batch_ids=true"]  # fmt: skip
     run_dir = tmp_path / "crash"
     killed = []
 
-    def kill_after_first_checkpoint():
+    def kill_early_in_the_second_epoch():
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            if any(run_dir.glob("checkpoint_*")) and (pids := _train_worker_pids()):
+            newest = sorted(run_dir.glob("checkpoint_*/progress.json"))
+            progress = json.loads(newest[-1].read_text()) if newest else {"epoch": 0, "step_in_epoch": 0}
+            if progress["epoch"] >= 1 and progress["step_in_epoch"] and (pids := _train_worker_pids()):
                 # Ray Train's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S):
-                # give it time to register a checkpoint, then kill.
-                time.sleep(5)
+                # give it time to register a checkpoint of this epoch, then kill.
+                time.sleep(3)
                 os.kill(pids[-1], signal.SIGKILL)
                 killed.append(pids[-1])
-            time.sleep(0.1)
+            time.sleep(0.05)
 
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher = threading.Thread(target=kill_early_in_the_second_epoch, daemon=True)
     watcher.start()
     summary = pretrain.run(load_config(None, overrides))
     watcher.join(timeout=1)
     assert killed, "the run finished before a worker could be killed"
     state = load_checkpoint(summary["run_dir"])
-    assert state["progress"]["global_step"] == 60
+    assert state["progress"]["global_step"] == 70
     assert len(state["progress"]["resumed_from_steps"]) == 1
-    assert state["progress"]["resumed_from_steps"][0] >= 4
+    resumed = state["progress"]["resumed_from_steps"][0]
+    trained, rerun = _batch_records(run_dir / "batch_ids")
+    epoch = trained[0, resumed + 1][0]
+    assert trained[0, resumed][0] == epoch >= 1, f"not resumed in the middle of a later epoch: step {resumed}"
+    steps = sorted(step for (rank, step), (e, _) in trained.items() if rank == 0 and e == epoch)
+    keys = [key for rank in (0, 1) for step in steps for key in trained[rank, step][1]]
+    assert len(keys) == len(steps) * 32 and len(set(keys)) == len(keys), "an image seen twice in an epoch"
+    for (rank, step), first in rerun.items():
+        assert step > resumed and trained[rank, step] == first, f"step {step} of rank {rank} saw other images"
+
+
+def _batch_records(directory: Path) -> tuple[dict, dict]:
+    """train.record_batch_ids logs: {(rank, step): (epoch, keys)} of what the model kept (the last line of a
+    step), and {(rank, step): (epoch, keys) of the first time} for steps run twice (after the restart)."""
+    trained, rerun = {}, {}
+    for rank in (0, 1):
+        for line in (directory / f"rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if (rank, record["step"]) in trained:
+                rerun.setdefault((rank, record["step"]), trained[rank, record["step"]])
+            trained[rank, record["step"]] = (record["epoch"], record["keys"])
+    return trained, rerun

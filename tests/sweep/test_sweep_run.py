@@ -86,7 +86,9 @@ def _checkpoints(run_dir: Path) -> list[str]:
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tiny_sweep):
     _, root, rows, cut, checkpoints = tiny_sweep
-    assert len(cut["pretrain"]) == 2 and 1 <= len(cut["finetune"]) < 4 and not cut["distill"]
+    # 4 fine-tuning trials run at once and end within seconds of each other: by the time Tune acts on the
+    # signal, 1 to 4 of them have finished; the rest (if any) are run again from their checkpoints.
+    assert len(cut["pretrain"]) == 2 and 1 <= len(cut["finetune"]) <= 4 and not cut["distill"]
     for key, mtime in cut["finetune"].items():  # finished before the cut: never run again
         assert _trial_files(root, "finetune")[key] == mtime
         assert _checkpoints(root / "finetune" / key) == checkpoints[key]
