@@ -53,7 +53,7 @@ class DataSection(Section):
     image_size: int = Field(224, ge=8, le=1024, description="side of the square training crops, in pixels")
     shuffle_seed: int = Field(0, description="seed of the per-epoch file and buffer shuffle")
     shuffle_buffer_rows: int = Field(
-        2048, ge=0, description="local shuffle buffer per worker, at most 1/8 of its epoch (0: off)"
+        2048, ge=0, description="local shuffle buffer per worker (0: off); the first batch of an epoch waits for it to fill"
     )
     ordered: bool = Field(
         True,
