@@ -44,6 +44,14 @@ def ray_address(ray_cfg: RaySection) -> str | None:
     return ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def embedded_ray_environment() -> None:
+    """Settings for a Ray this process starts on its own machine, set before `ray.init` so that every Ray
+    process inherits them. Ray Train's PreemptionWatcher (one more actor process per run, polling for
+    nodes being drained) has nothing to watch on one machine that no autoscaler drains; on a cluster
+    it stays on."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def connect(ray_cfg: RaySection) -> None:
     """Attach to the configured cluster, or start an embedded local Ray sized for workers + data."""
     import ray
@@ -57,6 +65,7 @@ def connect(ray_cfg: RaySection) -> None:
     needed = math.ceil(ray_cfg.num_workers * ray_cfg.cpus_per_worker) + DATA_CPUS
     num_cpus = ray_cfg.local_num_cpus or max(os.cpu_count() or 1, needed)
     object_store = ray_cfg.object_store_memory_mb * 1024 * 1024 if ray_cfg.object_store_memory_mb else None
+    embedded_ray_environment()
     ray.init(num_cpus=num_cpus, object_store_memory=object_store, configure_logging=False)
 
 

@@ -17,7 +17,10 @@ def ray_local():
     """A local Ray with more logical CPUs than cores, so 2 Train workers and Ray Data tasks both fit."""
     import ray
 
+    from raytrain_ssl.launch import embedded_ray_environment
+
     if not ray.is_initialized():
+        embedded_ray_environment()
         ray.init(
             num_cpus=4,
             object_store_memory=300 * 1024 * 1024,

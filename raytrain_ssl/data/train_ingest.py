@@ -25,7 +25,11 @@ class StageDataConfig(ray.train.DataConfig):
       index starts at the epoch of the run's newest checkpoint instead, and with `ordered`, the rows reach
       the workers in a deterministic order (Ray Data's preserve_order; the split then ignores locality).
       Together they make the resumed epoch the same stream, row for row and worker for worker, as the
-      interrupted one, so the train loop can skip exactly the batches it had already trained on."""
+      interrupted one, so the train loop can skip exactly the batches it had already trained on.
+
+    A single worker gets the dataset's own iterator rather than a 1-way streaming split: the split adds a
+    coordinator actor per stream (a process, and one more hop for every block) that has nothing to
+    coordinate. The worker then runs the stream's execution itself; what it receives is the same."""
 
     def __init__(self, run_dir: str | None = None, ordered: bool = True):
         super().__init__()
@@ -45,10 +49,18 @@ class StageDataConfig(ray.train.DataConfig):
                 options.preserve_order = options.preserve_order or self._ordered
                 ds.context._execution_idx = start_epoch  # no public setter: the seed of this epoch's shuffle
             ds.context.execution_options = options
-            hints = worker_node_ids if self._enable_shard_locality else None
-            for rank, split in enumerate(ds.streaming_split(world_size, equal=training, locality_hints=hints)):
+            for rank, split in enumerate(_split(ds, world_size, training, self._locality(worker_node_ids))):
                 output[rank][name] = split
         return output
+
+    def _locality(self, worker_node_ids):
+        return worker_node_ids if self._enable_shard_locality else None
+
+
+def _split(ds, world_size: int, equal: bool, hints):
+    if world_size == 1:
+        return [ds.iterator()]
+    return ds.streaming_split(world_size, equal=equal, locality_hints=hints)
 
 
 def _resume_epoch(run_dir: str | None) -> int:
