@@ -2,7 +2,8 @@
 
 Both sides run the same model, global batch, SimCLR augmentation, NT-Xent and LARS step, with the same
 number of torch threads. The bare loop decodes and augments in its own process, serially, the way a
-single-process script would; the Ray worker receives views from Ray Data tasks. Prints both rates and
+single-process script would; the Ray worker receives views from Ray Data tasks (or, with `--decode-on
+worker`, encoded bytes that it decodes and augments itself, like the bare loop). Prints both rates and
 their ratio (target: at least 0.95, i.e. Ray overhead under 5%).
 
     python benchmarks/pretrain_throughput.py                          # builtin digits, 16 px
@@ -35,6 +36,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the Ray worker")
     p.add_argument("--shuffle-buffer-rows", type=int, default=None,
                    help="data.shuffle_buffer_rows of the Ray side (default: the config default)")  # fmt: skip
+    p.add_argument("--decode-on", choices=["ray_data", "worker"], default="ray_data",
+                   help="data.decode_on of the Ray side: views cut by Ray Data tasks, or in the worker "
+                   "(encoded bytes through Ray Data; then both sides do the same decode work in-process)")  # fmt: skip
     return p.parse_args()
 
 
@@ -53,6 +57,7 @@ def overrides(args, storage: str, steps: int) -> list[str]:
         f"ray.cpus_per_worker={args.threads}",
         f"ray.storage_path={storage}",
         "ray.name=bench",
+        f"data.decode_on={args.decode_on}",
     ] + ([f"data.shuffle_buffer_rows={args.shuffle_buffer_rows}"] if args.shuffle_buffer_rows is not None else [])
 
 
@@ -122,7 +127,7 @@ def main() -> int:
         print(f"bare PyTorch loop, 1 process:   {bare:8.1f} images/s", flush=True)
         ray_ = ray_rate(args, storage)
     print(f"bare PyTorch loop, 1 process:   {bare:8.1f} images/s")
-    print(f"Ray Train, 1 worker + Ray Data: {ray_:8.1f} images/s")
+    print(f"Ray Train, 1 worker + Ray Data: {ray_:8.1f} images/s  (data.decode_on={args.decode_on})")
     print(f"ratio Ray / bare: {ray_ / bare:.3f}  (target >= 0.95)")
     print(f"model {args.model}, {args.image_size} px, batch {args.batch_size}, {args.threads} torch thread(s), "
           f"{args.steps} timed steps after {args.warmup} warm-up")  # fmt: skip

@@ -53,7 +53,10 @@ class DataSection(Section):
     image_size: int = Field(224, ge=8, le=1024, description="side of the square training crops, in pixels")
     shuffle_seed: int = Field(0, description="seed of the per-epoch file and buffer shuffle")
     shuffle_buffer_rows: int = Field(
-        2048, ge=0, description="local shuffle buffer per worker (0: off); the first batch of an epoch waits for it to fill"
+        2048,
+        ge=0,
+        description="local shuffle buffer per worker (0: off), capped at a quarter of a worker's epoch and never "
+        "under 2 batches; the first batch of an epoch waits for it to fill",
     )
     ordered: bool = Field(
         True,
@@ -65,6 +68,12 @@ class DataSection(Section):
         None, gt=0, description="max Ray Data decode tasks at once (None: Ray decides)"
     )
     max_pixels: int = Field(64_000_000, gt=0, description="images with more pixels are skipped (bomb guard)")
+    decode_on: Literal["ray_data", "worker"] = Field(
+        "ray_data",
+        description="where training images are decoded and augmented: ray_data (CPU tasks send uint8 views) or "
+        "worker (Ray Data sends the encoded bytes; each Train worker decodes JPEGs on its GPU with nvJPEG and "
+        "augments there, or on its CPU without a GPU); worker: contrastive pretraining only",
+    )
 
 
 class AugmentSection(Section):
@@ -194,6 +203,15 @@ class PretrainConfig(RunConfig):
     eval: EvalSection = EvalSection()
     ray: RaySection = RaySection()
 
+    @model_validator(mode="after")
+    def _worker_decode_is_contrastive(self):
+        if self.data.decode_on == "worker" and self.method != "simclr":
+            raise ValueError(
+                f"data.decode_on=worker is implemented for method=simclr only, not method={self.method}; "
+                "use data.decode_on=ray_data"
+            )
+        return self
+
     @property
     def use_gaussian_blur(self) -> bool:
         blur = self.augment.gaussian_blur
@@ -276,6 +294,15 @@ class StageConfig(RunConfig):
     checkpoint: CheckpointSection = CheckpointSection()
     eval: ClassifierEvalSection = ClassifierEvalSection()
     ray: RaySection = RaySection()
+
+    @model_validator(mode="after")
+    def _decodes_in_ray_data(self):
+        if self.data.decode_on != "ray_data":
+            raise ValueError(
+                f"data.decode_on={self.data.decode_on} is implemented for contrastive pretraining only; "
+                "fine-tuning and distillation decode in Ray Data (data.decode_on=ray_data)"
+            )
+        return self
 
 
 class FinetuneConfig(StageConfig):

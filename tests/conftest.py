@@ -8,6 +8,9 @@ import pytest
 
 # Worker prints would otherwise show twice on the driver.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Ray Train's controller polls its workers every 2 s by default; each fit() waits up to one interval to
+# see its workers start, report and finish. Tests run some 35 short fits: poll faster (test speed only).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Fail fast instead of waiting 30 minutes when a test deadlocks Ray Data.
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
 

@@ -104,3 +104,13 @@ def test_apply_overrides_does_not_mutate_input():
 def test_defaults_are_simclr_v2():
     cfg = PretrainConfig()
     assert cfg.model.head_layers == 3 and cfg.contrastive.temperature == 0.1 and cfg.optim.name == "lars"
+
+
+def test_worker_side_decoding_is_refused_where_it_is_not_implemented():
+    assert load_config(None, ["data.decode_on=worker"]).data.decode_on == "worker"  # contrastive pretraining
+    with pytest.raises(ConfigError, match="data.decode_on=worker is implemented for method=simclr only"):
+        load_config(None, ["data.decode_on=worker", "method=deepercluster"])
+    with pytest.raises(ConfigError, match="fine-tuning and distillation decode in Ray Data"):
+        load_config(None, ["data.decode_on=worker"], stage="finetune")
+    with pytest.raises(ConfigError, match=r"data.decode_on: Input should be 'ray_data' or 'worker' \(got 'gpu'\)"):
+        load_config(None, ["data.decode_on=gpu"])

@@ -215,6 +215,27 @@ def pretrain_dataset(path: str, spec: ViewSpec, shuffle_seed: int, batch_size: i
     return ds.map_batches(two_view_batch_fn(spec), batch_size=batch_size, compute=_task_pool(concurrency))
 
 
+def encoded_batch_fn(max_pixels: int) -> Callable[[dict], dict]:
+    """Ray Data map_batches function of `data.decode_on: worker`: the encoded bytes pass through undecoded
+    (the worker decodes them, see data/worker_decode.py) with their id and key. Images whose stored size
+    exceeds the pixel limit are dropped here, as the Ray Data decoder would refuse them."""
+
+    def fn(batch: dict) -> dict:
+        pixels = batch["width"].astype(np.int64) * batch["height"].astype(np.int64)
+        for image_id, size in zip(batch["id"][pixels > max_pixels], pixels[pixels > max_pixels]):
+            log.warning("skipping image %s: decompression bomb (%d > %d pixels)", image_id, size, max_pixels)
+        keep = pixels <= max_pixels
+        return {"image": batch["image"][keep], "id": batch["id"][keep], "key": image_keys(batch["id"][keep])}
+
+    return fn
+
+
+def encoded_dataset(path: str, spec: ViewSpec, shuffle_seed: int, batch_size: int, concurrency: int | None):
+    """Unlabeled encoded images for pretraining with `data.decode_on: worker`: no decode in Ray Data."""
+    ds = read_shards(path, ["image", "id", "width", "height"], shuffle_seed)
+    return ds.map_batches(encoded_batch_fn(spec.max_pixels), batch_size=batch_size, compute=_task_pool(concurrency))
+
+
 def labeled_dataset(
     path: str,
     spec: ViewSpec,

@@ -126,13 +126,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while progress.epoch < cfg.train.epochs and progress.global_step < total_steps:
         model.train()
         remaining = min(steps_per_epoch - progress.step_in_epoch, total_steps - progress.global_step)
-        batches = env.epoch_batches(train_shard, cfg, progress.epoch, steps_per_epoch, skip=progress.step_in_epoch)
+        views = _worker_views(cfg, env, progress.epoch, progress.step_in_epoch)
+        batches = env.epoch_batches(
+            train_shard, cfg, progress.epoch, steps_per_epoch, skip=progress.step_in_epoch, views=views
+        )
         _run_epoch(cfg, env, model, optimizer, scheduler, ema, queue, batches, remaining, progress, tb, guard)
         progress.epoch += 1  # the pass ended: planned steps done, data exhausted, or max_steps reached
         progress.step_in_epoch = 0
         metrics = _epoch_metrics(cfg, env, model, progress, tb)
         report(metrics, _state(cfg, model, optimizer, scheduler, ema, queue, progress) if env.is_main else None)
     tb.close()
+
+
+def _worker_views(cfg: PretrainConfig, env: WorkerEnv, epoch: int, skip: int):
+    """With `data.decode_on: worker`, what decodes and augments the encoded stream on this worker's
+    device; seeded from (seed, epoch, rank, batches skipped), so a resumed epoch draws fresh crops for
+    the batches it trains on. None: the stream already holds the views (Ray Data decoded them)."""
+    if cfg.data.decode_on != "worker":
+        return None
+    from raytrain_ssl.data.worker_decode import TwoViewMaker
+
+    return TwoViewMaker(view_spec(cfg), env.device, seed=env.epoch_seed(cfg.train.seed, epoch) * 100_003 + skip)
 
 
 def _run_epoch(cfg, env: WorkerEnv, model, optimizer, scheduler, ema, queue, batches, remaining, progress, tb, guard):
@@ -255,11 +269,11 @@ def _restore(state, model, optimizer, scheduler, ema, queue) -> Progress:
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def build_datasets(cfg: PretrainConfig, paths) -> dict:
-    """The Ray Data streams the workers read: two-view training images, plus the kNN bank and queries."""
-    from raytrain_ssl.data.stream import ViewSpec, labeled_dataset, pretrain_dataset
+def view_spec(cfg: PretrainConfig):
+    """The augmentation settings of a run, wherever its views are cut (Ray Data tasks or the workers)."""
+    from raytrain_ssl.data.stream import ViewSpec
 
-    spec = ViewSpec(
+    return ViewSpec(
         image_size=cfg.data.image_size,
         color_jitter_strength=cfg.augment.color_jitter_strength,
         min_crop_scale=cfg.augment.min_crop_scale,
@@ -267,8 +281,16 @@ def build_datasets(cfg: PretrainConfig, paths) -> dict:
         grayscale_probability=cfg.augment.grayscale_probability,
         max_pixels=cfg.data.max_pixels,
     )
+
+
+def build_datasets(cfg: PretrainConfig, paths) -> dict:
+    """The Ray Data streams the workers read: two-view training images, plus the kNN bank and queries."""
+    from raytrain_ssl.data.stream import encoded_dataset, labeled_dataset, pretrain_dataset
+
+    spec = view_spec(cfg)
     common = dict(batch_size=cfg.data.decode_batch_size, concurrency=cfg.data.decode_concurrency)
-    datasets = {"train": pretrain_dataset(paths.train, spec, cfg.data.shuffle_seed, **common)}
+    train = encoded_dataset if cfg.data.decode_on == "worker" else pretrain_dataset
+    datasets = {"train": train(paths.train, spec, cfg.data.shuffle_seed, **common)}
     if cfg.eval.knn_every_epochs and paths.val and paths.knn_bank:
         bank = labeled_dataset(paths.knn_bank, spec, train=False, limit=cfg.eval.knn_bank_max_images, **common)
         datasets["knn_bank"] = bank

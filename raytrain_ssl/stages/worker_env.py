@@ -65,36 +65,53 @@ class WorkerEnv:
         with self.batch_log.open("a") as out:
             out.write(json.dumps({"epoch": epoch, "step": step, "keys": keys.tolist()}) + "\n")
 
-    def epoch_batches(self, shard, cfg, epoch: int, steps_per_epoch: int, skip: int = 0):
+    def epoch_batches(self, shard, cfg, epoch: int, steps_per_epoch: int, skip: int = 0, views=None):
         """One epoch of training batches of this worker: full batches only (DDP steps must match), the
         local shuffle buffer seeded from (seed, epoch, rank) so a resumed epoch shuffles the same way.
 
         `skip`: batches of this epoch already trained on before a restart. With `data.ordered` the stream
         replays the interrupted epoch row for row (see data/train_ingest.py), so dropping them resumes
-        at the same position; the skipped images are decoded again but not trained on."""
+        at the same position; the skipped images are decoded again but not trained on.
+
+        `views`: for a stream of encoded images (`data.decode_on: worker`), the callable that turns a numpy
+        batch into tensors on this worker's device (data/worker_decode.py); skipped batches are not decoded."""
         rows = shuffle_buffer_rows(cfg.data.shuffle_buffer_rows, cfg.batch_size_per_worker, steps_per_epoch)
-        batches = shard.iter_torch_batches(
+        options = dict(
             batch_size=cfg.batch_size_per_worker,
             drop_last=True,
             local_shuffle_buffer_size=rows or None,
-            local_shuffle_seed=(cfg.data.shuffle_seed + 7919 * epoch + self.rank) if rows else None,
-            device=self.device,
+            local_shuffle_seed=self.epoch_seed(cfg.data.shuffle_seed, epoch) if rows else None,
         )
+        if views is None:
+            batches = shard.iter_torch_batches(device=self.device, **options)
+        else:  # encoded bytes cannot become tensors: numpy batches, decoded on the device by `views`
+            batches = shard.iter_batches(batch_format="numpy", **options)
         if skip and self.is_main:
             how = "same order as before" if cfg.data.ordered else "a new order: data.ordered is off"
             log.info("resuming epoch %d after step %d of it: skipping %d batches (%s)", epoch + 1, skip, skip, how)
-        return itertools.islice(batches, skip, None)
+        batches = itertools.islice(batches, skip, None)
+        return batches if views is None else map(views, batches)
+
+    def epoch_seed(self, seed: int, epoch: int) -> int:
+        """A seed of its own for every (seed, epoch, worker): the shuffle buffer, worker-side augmentation."""
+        return seed + 7919 * epoch + self.rank
 
 
 def shuffle_buffer_rows(configured: int, batch_size: int, steps_per_epoch: int) -> int:
-    """The local shuffle buffer of a worker: the configured size (0: off).
+    """The local shuffle buffer of a worker (0: off): the configured size, capped at a quarter of the
+    worker's epoch, and never under two batches.
 
-    Left uncapped on purpose. Capping it at an eighth of a small epoch cut the epoch-start wait (Ray Data
-    yields an epoch's first batch only once the buffer is full), but a buffer equal to the batch size
-    (digits at 128 images per worker) made Ray 2.60 hand the two workers batches of different sizes at
-    the first step, and gloo aborted. `batch_size` and `steps_per_epoch` stay for a safe cap later."""
-    del batch_size, steps_per_epoch
-    return configured
+    The cap: Ray Data yields an epoch's first batch only once the buffer holds this many rows, so a buffer
+    as large as the epoch (2,048 rows against digits' 718 per worker) decoded the whole epoch before the
+    first step of every epoch. The floor: with a buffer under two batches, Ray 2.60's ShufflingBatcher
+    can hand out a short batch in the middle of a stream (it yields once half the buffer is shuffled,
+    then takes a whole batch from it), and workers whose batches differ in size abort in the collectives
+    (seen with the buffer equal to the batch: gloo's `op.preamble.length <= op.nbytes`). At two batches or
+    more, the shuffled part always holds a whole batch when it yields."""
+    if configured == 0:
+        return 0
+    quarter_epoch = steps_per_epoch * batch_size // 4
+    return max(min(configured, quarter_epoch), 2 * batch_size)
 
 
 def timed_batches(batches, limit: int):

@@ -55,12 +55,15 @@ def test_two_worker_run_checkpoints_resumes_and_writes_tensorboard(ray_local, tm
     assert "knn_top1" in first["metrics"]
 
     # A second fit() of the same run directory continues from the step-5 checkpoint (Ray Train V2
-    # resumes implicitly); a fresh run would restart at 0 and count 8 steps of its own.
-    second = pretrain.run(load_config(run_dir / "config.yaml", ["train.max_steps=8"]), resume=True)
+    # resumes implicitly); a fresh run would restart at 0 and count 8 steps of its own. It also switches
+    # to the other data path: Ray Data ships encoded bytes, the workers decode and cut the views.
+    resumed = load_config(run_dir / "config.yaml", ["train.max_steps=8", "data.decode_on=worker"])
+    second = pretrain.run(resumed, resume=True)
     state = load_checkpoint(second["run_dir"])
     assert state["progress"]["resumed_from_steps"] == [5]
     assert state["progress"]["global_step"] == 8
     assert state["scheduler"]["last_epoch"] == 8  # the schedule position survived the restart
+    assert state["config"]["data"]["decode_on"] == "worker"
 
     scalars = _scalars(run_dir / "tensorboard")
     for tag in ["train/loss", "train/learning_rate", "train/contrastive_accuracy",
