@@ -108,15 +108,14 @@ class TwoViewMaker:
     """Encoded batch (numpy columns `image`, `id`, `key` from `data.stream.encoded_dataset`) -> two uint8
     SimCLR views per image and their keys, as torch tensors on the worker's device.
 
-    The random crops, flips and colour changes come from a CPU generator of its own, seeded from
-    (seed, epoch, rank): workers draw different augmentations, and a resumed epoch draws the same ones."""
+    The random crops, flips and colour changes come from a CPU generator of its own: the same seed draws the
+    same views, and torch's global generator is left as it was (the caller seeds per epoch and worker)."""
 
     def __init__(self, spec: ViewSpec, device: torch.device, seed: int):
         import torch
 
         from raytrain_ssl.data.augment import simclr_view_transform
 
-        self.spec = spec
         self.device = device
         self.transform = simclr_view_transform(
             spec.image_size, spec.color_jitter_strength, spec.min_crop_scale, spec.gaussian_blur,
