@@ -70,10 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_commands(sub) -> None:
-    from raytrain_ssl.commands import evaluate, pipeline, shards, sweep
+    from raytrain_ssl.commands import evaluate, export, pipeline, shards, sweep
 
     shards.register(sub)
     evaluate.register(sub)
+    export.register(sub)
     pipeline.register(sub)
     sweep.register(sub)
 

@@ -284,6 +284,14 @@ class DistillSection(Section):
     init: str | None = Field(None, description="initialise the student from this run/checkpoint (None: scratch)")
 
 
+class ExportSection(Section):
+    program: bool = Field(
+        True,
+        description="also write export/model.pt2, a torch.export program (its compiler costs ~15 CPU-seconds "
+        "a run); model.pt and model.json are always written",
+    )
+
+
 class StageConfig(RunConfig):
     """What fine-tune and distill share with pretraining: model, data, optimiser, training, Ray."""
 
@@ -293,6 +301,7 @@ class StageConfig(RunConfig):
     train: ClassifierTrainSection = ClassifierTrainSection()
     checkpoint: CheckpointSection = CheckpointSection()
     eval: ClassifierEvalSection = ClassifierEvalSection()
+    export: ExportSection = ExportSection()
     ray: RaySection = RaySection()
 
     @model_validator(mode="after")

@@ -5,6 +5,9 @@
     model.json  the architecture (`ClassifierSpec`), the input convention and where the weights came from
     model.pt2   a `torch.export` program of the network in eval mode with a dynamic batch dimension:
                 `torch.export.load("model.pt2").module()(images)` runs it with nothing but torch
+                (written unless `export.program=false`; sweeps write it for their best trial only:
+                torch.export's compiler stack costs ~15 CPU-seconds to import and trace, more than a tiny
+                trial's training; `raytrain-ssl export RUN_DIR` writes it for any finished run)
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ def classifier_from_state(state: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def export_classifier(state: dict, out_dir: Path, image_size: int, source: str) -> dict[str, str]:
+def export_classifier(state: dict, out_dir: Path, image_size: int, source: str, program: bool = True) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = classifier_from_state(state)
-    files = {"state_dict": out_dir / "model.pt", "metadata": out_dir / "model.json", "program": out_dir / "model.pt2"}
+    files = {"state_dict": out_dir / "model.pt", "metadata": out_dir / "model.json"}
     torch.save(model.state_dict(), files["state_dict"])
     metadata = {
         "stage": state["stage"],
@@ -45,13 +48,19 @@ def export_classifier(state: dict, out_dir: Path, image_size: int, source: str) 
         "source_checkpoint": source,
     }
     files["metadata"].write_text(json.dumps(metadata, indent=2))
-    example = torch.rand(2, 3, image_size, image_size)
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, files["program"])
+    if program:
+        files["program"] = out_dir / "model.pt2"
+        export_program(model, image_size, files["program"])
     return {name: str(path) for name, path in files.items()}
 
 
-def export_run(summary: dict) -> dict:
+def export_program(model: torch.nn.Module, image_size: int, path: Path) -> None:
+    example = torch.rand(2, 3, image_size, image_size)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
+
+
+def export_run(summary: dict, program: bool = True) -> dict:
     """Export the final checkpoint of a finished fine-tune/distill run; records the files in result.json."""
     from raytrain_ssl.launch import RESULT_FILE
 
@@ -60,7 +69,23 @@ def export_run(summary: dict) -> dict:
     state = load_checkpoint(summary["checkpoint"])
     run_dir = Path(summary["run_dir"])
     image_size = state["config"]["data"]["image_size"]
-    summary = {**summary, "export": export_classifier(state, run_dir / EXPORT_DIR, image_size, summary["checkpoint"])}
+    files = export_classifier(state, run_dir / EXPORT_DIR, image_size, summary["checkpoint"], program=program)
+    summary = {**summary, "export": files}
     (run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2))
-    log.info("exported %s", summary["export"]["state_dict"])
+    log.info("exported %s", ", ".join(files.values()))
     return summary
+
+
+def export_finished_run(run_dir: str | Path) -> dict:
+    """`raytrain-ssl export RUN_DIR`: (re)write the export of a finished fine-tune/distill run, program
+    included; returns its result.json with the files."""
+    from raytrain_ssl.errors import ConfigError
+    from raytrain_ssl.launch import RESULT_FILE
+
+    result = Path(run_dir).expanduser().resolve() / RESULT_FILE
+    if not result.is_file():
+        raise ConfigError(f"export: {result.parent} is not a finished run (no {RESULT_FILE})")
+    summary = json.loads(result.read_text())
+    if summary.get("stage") not in ("finetune", "distill") or not summary.get("checkpoint"):
+        raise ConfigError(f"export: {result.parent} is not a finished fine-tune or distill run with a checkpoint")
+    return export_run({**summary, "run_dir": str(result.parent)}, program=True)

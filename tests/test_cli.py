@@ -47,6 +47,7 @@ def test_overrides_may_follow_a_flag(capsys):
         (["pretrain", "missing.yaml"], "config file not found: missing.yaml"),
         (["pretrain", "--resume", "/nonexistent/run"], "no config.yaml in /nonexistent/run"),
         (["pretrain", "data.train=/nonexistent/shards", "--print-config"], None),
+        (["export", "/nonexistent/run"], "export: /nonexistent/run is not a finished run (no result.json)"),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(args, expected):

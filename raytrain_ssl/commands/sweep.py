@@ -46,6 +46,8 @@ def run_command(args) -> int:
         print(f"raytrain-ssl: {exc}")
         return 130
     print(markdown_table(summary["rows"]))
+    for method, program in summary["exported"].items():
+        print(f"best {method} model, deployable with torch alone: {program}")
     root = summary["sweep_dir"]
     print(f"sweep directory: {root}   (results.md, results.png; tensorboard --logdir {root})")
     return 0

@@ -145,7 +145,7 @@ def run(cfg: DistillConfig, resume: bool = False) -> dict:
              teacher_spec.model_name, teacher_dir, spec.model_name, per_epoch, run_dir)  # fmt: skip
     trainer = launch.build_trainer(train_loop_per_worker, loop_config, cfg, datasets, cfg.checkpoint.num_to_keep)
     facts = {"stage": "distill", "teacher": teacher_dir, "init": init, "spec": spec.to_dict()}
-    return export_run(launch.fit_and_record(trainer, run_dir, facts))
+    return export_run(launch.fit_and_record(trainer, run_dir, facts), program=cfg.export.program)
 
 
 def build_datasets(cfg: DistillConfig, data, labeled_ids: frozenset[str]) -> dict:

@@ -150,7 +150,7 @@ def run(cfg: FinetuneConfig, resume: bool = False) -> dict:
         "spec": spec.to_dict(),
     }
     summary = launch.fit_and_record(trainer, run_dir, facts)
-    return export_run(summary)
+    return export_run(summary, program=cfg.export.program)
 
 
 def build_datasets(cfg: FinetuneConfig, data, keep_ids: frozenset[str] | None) -> dict:

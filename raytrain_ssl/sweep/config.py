@@ -13,6 +13,7 @@ scheduler, validated in full before Ray starts.
     max_concurrent_trials: 2
     metric: val_top1
     scheduler: {name: asha, grace_period: 5}                    # early stopping of fine-tuning trials
+    export_programs: best                  # model.pt2 of the best student and teacher (all | none)
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ class SweepConfig(RecipeConfig):
     metric: str = Field("val_top1", description="what picks the best fine-tuned teacher and the scheduler watches")
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerSection = Field(SchedulerSection(), description="for fine-tuning trials")
+    export_programs: Literal["best", "all", "none"] = Field(
+        "best",
+        description="torch.export programs (model.pt2): of the best student and the best teacher once the sweep "
+        "ends, of every trial, or none; every trial always exports model.pt + model.json",
+    )
 
     @field_validator("search")
     @classmethod

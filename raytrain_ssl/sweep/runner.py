@@ -331,7 +331,36 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> dict:
         if phase == "pretrain":
             chain = {**given, **chain}
         write_results(root, rows)  # the table grows phase by phase
-    return {"sweep_dir": str(root), "rows": rows}
+    return {"sweep_dir": str(root), "rows": rows, "exported": export_best(sweep, rows)}
+
+
+def best_row(rows: list[dict], method: str, mode: str) -> dict | None:
+    done = [r for r in rows if r["method"] == method and r["status"] == "done" and r.get("top1") is not None]
+    if not done:
+        return None
+    return (max if mode == "max" else min)(done, key=lambda r: r["top1"])
+
+
+def export_best(sweep: SweepConfig, rows: list[dict]) -> dict[str, str]:
+    """`export_programs: best`: the torch.export program of the best student and the best teacher, once
+    (trials skip it: torch.export's compiler costs more than a tiny trial; see export.py). Returns
+    method -> model.pt2 path."""
+    from raytrain_ssl.export import export_finished_run
+
+    if sweep.export_programs != "best":
+        return {}
+    exported = {}
+    for method in ("distilled", "fine-tuned"):
+        best = best_row(rows, method, sweep.mode)
+        if best is None:
+            continue
+        files = json.loads((Path(best["run_dir"]) / "result.json").read_text()).get("export", {})
+        if not Path(files.get("program", "")).is_file():  # a resumed sweep may have written it already
+            files = export_finished_run(best["run_dir"])["export"]
+        exported[method] = files["program"]
+        log.info("sweep: best %s %s (top-1 %.2f%%), deployable: %s", method, best["key"], 100 * best["top1"],
+                 files["program"])  # fmt: skip
+    return exported
 
 
 def _finetune_probe_config(sweep: SweepConfig, root: Path):

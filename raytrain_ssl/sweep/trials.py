@@ -69,9 +69,13 @@ def _overrides(params: dict, seed: int) -> list[str]:
     return overrides
 
 
-def _settings(sweep: SweepConfig, stage_settings: dict) -> dict:
-    """A stage's settings with the sweep's per-trial resources over everything else."""
-    return merge_sections(stage_settings, {"ray": sweep.trial.model_dump()})
+def _settings(sweep: SweepConfig, stage_settings: dict, classifier: bool = False) -> dict:
+    """A stage's settings with the sweep's per-trial resources over everything else; a fine-tune or distill
+    trial writes its torch.export program only with `export_programs: all` (the sweep exports its best)."""
+    fixed = {"ray": sweep.trial.model_dump()}
+    if classifier:
+        fixed["export"] = {"program": sweep.export_programs == "all"}
+    return merge_sections(stage_settings, fixed)
 
 
 def plan_trial(sweep: SweepConfig, root: Path, phase: str, params: dict, chain: dict) -> TrialPlan:
@@ -109,7 +113,7 @@ def _plan_finetune(sweep: SweepConfig, root: Path, params: dict, chain: dict) ->
         settings = sweep.finetune
         overrides.append(f"pretrained={pretrained}")
         method = "fine-tuned"
-    cfg = stage_config(sweep, "finetune", _settings(sweep, settings), key, overrides, root / "finetune")
+    cfg = stage_config(sweep, "finetune", _settings(sweep, settings, classifier=True), key, overrides, root / "finetune")
     info = {"method": method, "model": model, "source": pretrained, "label_fraction": fraction}
     return TrialPlan("finetune", Step(key, "finetune", cfg, fraction), {**info, "hparams": search_values(params)})
 
@@ -122,7 +126,7 @@ def _plan_distill(sweep: SweepConfig, root: Path, params: dict, chain: dict) -> 
     pretrained = teacher.get("pretrained")
     if sweep.distill_from_pretrained and pretrained and student == teacher["model"]:
         overrides.append(f"init={pretrained}")
-    cfg = stage_config(sweep, "distill", _settings(sweep, sweep.distill), key, overrides, root / "distill")
+    cfg = stage_config(sweep, "distill", _settings(sweep, sweep.distill, classifier=True), key, overrides, root / "distill")
     fraction = teacher["label_fraction"]
     info = {"method": "distilled", "model": student, "source": teacher["run_dir"], "label_fraction": fraction,
             "teacher_model": teacher["model"]}  # fmt: skip

@@ -175,6 +175,29 @@ def test_table_plot_and_tensorboard(tiny_sweep):
     assert sorted(p.name for p in (root / "tune").iterdir()) == ["distill", "finetune", "pretrain"]
 
 
+def test_only_the_best_student_and_teacher_get_a_program_and_export_writes_any_other(tiny_sweep, capsys):
+    """Every trial leaves model.pt + model.json; the torch.export program (the costly part) is written for
+    the best distilled and the best fine-tuned trial; `raytrain-ssl export RUN_DIR` writes it for another."""
+    import torch
+
+    from raytrain_ssl.cli import main
+    from raytrain_ssl.sweep.runner import best_row
+
+    _, _, rows, _, _ = tiny_sweep
+    best = {best_row(rows, m, "max")["run_dir"] for m in ("distilled", "fine-tuned")}
+    for r in (r for r in rows if r["phase"] != "pretrain"):
+        export = Path(r["run_dir"]) / "export"
+        assert (export / "model.pt").is_file() and (export / "model.json").is_file(), r["key"]
+        assert (export / "model.pt2").is_file() == (r["run_dir"] in best), r["key"]
+    other = next(r for r in rows if r["phase"] == "distill" and r["run_dir"] not in best)
+    assert main(["export", other["run_dir"]]) == 0
+    program = json.loads(capsys.readouterr().out)["program"]
+    images = torch.rand(3, 3, 16, 16)
+    logits = torch.export.load(program).module()(images)
+    assert logits.shape == (3, 10)
+    assert json.loads((Path(other["run_dir"]) / "result.json").read_text())["export"]["program"] == program
+
+
 def test_more_concurrent_trials_than_fit_queue_instead_of_failing(ray_local, caplog):
     """The test Ray has 4 logical CPUs, one kept for Ray Data: 2-worker trials fit one at a time."""
     from raytrain_ssl.launch import ResourceError
