@@ -2,8 +2,10 @@
 
 Both sides read the same Parquet shards, decode and make two SimCLR views with the very same function
 (`two_view_batch_fn`, what the training stream runs), in the same number of CPU processes, and hand
-uint8 torch tensors of `--batch-size` to a consumer in this process that only touches them. Files are
-shuffled per epoch on both sides; no row-level buffer on either. The first epoch is warm-up (Ray Data
+uint8 torch tensors of `--batch-size` to a consumer in this process that only touches them. Row groups
+(DataLoader) and files (Ray Data) are shuffled per epoch; no row-level buffer on either. A shard is split
+into chunks on both sides (Ray Data: blocks of about 1,000 rows, see data/stream.read_blocks; DataLoader:
+batches of --batch-size dealt round-robin to its workers), so that one-file datasets keep every process busy. The first epoch is warm-up (Ray Data
 starts its task processes, the DataLoader forks its persistent workers); the later ones are timed.
 
     python benchmarks/stream_throughput.py                                   # builtin digits, 16 px
@@ -46,11 +48,15 @@ def view_spec(image_size: int):
 
 
 class ShardViews(torch.utils.data.IterableDataset):
-    """The DataLoader side: each worker reads its share of the (per-epoch shuffled) files in chunks of
-    `batch_size` rows and runs the training stream's decode+augment function on each chunk."""
+    """The DataLoader side: the (per-epoch shuffled) Parquet row groups are read in chunks of `batch_size`
+    rows, and worker k decodes and augments chunks k, k + workers, ... with the training stream's function.
+    Chunks, not files, are what the workers share: a small dataset is one shard (CIFAR-10's 50,000 images:
+    one file of 6 row groups), and by files one worker would do all the work. Each worker reads every
+    chunk's bytes (cheap next to decoding them) so that the work splits evenly."""
 
     def __init__(self, files: list[str], spec, batch_size: int):
-        self.files, self.spec, self.batch_size, self.epoch = files, spec, batch_size, 0
+        self.spec, self.batch_size, self.epoch = spec, batch_size, 0
+        self.units = [(f, g) for f in files for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
 
     def __iter__(self):
         from raytrain_ssl.data.stream import two_view_batch_fn
@@ -58,12 +64,16 @@ class ShardViews(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         rank, world = (info.id, info.num_workers) if info else (0, 1)
         # Persistent workers keep their own copy of this object: each counts its epochs itself.
-        order, self.epoch = np.random.default_rng(self.epoch).permutation(len(self.files)), self.epoch + 1
+        order, self.epoch = np.random.default_rng(self.epoch).permutation(len(self.units)), self.epoch + 1
         fn = two_view_batch_fn(self.spec)
-        for f in [self.files[i] for i in order][rank::world]:
-            for rows in pq.ParquetFile(f).iter_batches(batch_size=self.batch_size, columns=["image", "id"]):
-                out = fn(rows.to_pydict())
-                yield {k: torch.from_numpy(v) for k, v in out.items()}
+        chunk = 0
+        for f, group in [self.units[i] for i in order]:
+            reader = pq.ParquetFile(f)
+            for rows in reader.iter_batches(batch_size=self.batch_size, row_groups=[group], columns=["image", "id"]):
+                chunk += 1
+                if (chunk - 1) % world == rank:
+                    out = fn(rows.to_pydict())
+                    yield {k: torch.from_numpy(v) for k, v in out.items()}
 
 
 def consume(batches) -> int:
@@ -76,13 +86,15 @@ def consume(batches) -> int:
 
 
 def timed_epochs(run_epoch, epochs: int, label: str) -> list[float]:
+    """Images/s of each epoch; also the CPU this (consuming) process used, as a share of one core."""
     rates = []
     for epoch in range(epochs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         n = run_epoch(epoch)
-        rate = n / (time.perf_counter() - start)
-        print(f"{label} epoch {epoch}{' (warm-up)' if epoch == 0 else ''}: {n} images, {rate:8.1f} images/s",
-              flush=True)  # fmt: skip
+        wall = time.perf_counter() - start
+        rate = n / wall
+        print(f"{label} epoch {epoch}{' (warm-up)' if epoch == 0 else ''}: {n} images, {rate:8.1f} images/s, "
+              f"consumer process {100 * (time.process_time() - cpu) / wall:.0f}% of a core", flush=True)  # fmt: skip
         if epoch > 0:
             rates.append(rate)
     return rates

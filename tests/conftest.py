@@ -27,7 +27,10 @@ def ray_local():
         ray.init(
             num_cpus=4,
             object_store_memory=300 * 1024 * 1024,
-            include_dashboard=False,
+            # As `raytrain-ssl` starts it: Ray Train's placement-group cleaner asks the dashboard's State
+            # API whether a run's controller died; without it, the worker groups of sweep trials stopped by
+            # an interruption keep their CPUs for good, and later trials' Ray Data tasks never start.
+            include_dashboard=True,
             log_to_driver=True,
             configure_logging=False,
         )

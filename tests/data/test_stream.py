@@ -6,6 +6,7 @@ import io
 import logging
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -84,3 +85,23 @@ def test_builtin_dataset_written_by_runs_starting_together_is_whole(tmp_path):
     assert all(r == results[0] for r in results)
     assert count_rows(str(results[0]["train"])) + count_rows(str(results[0]["test"])) == 1797
     assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["test", "train"]  # no staging left
+
+
+def test_a_one_file_dataset_is_cut_into_blocks_that_decode_in_parallel(ray_local, tmp_path, monkeypatch):
+    """Ray Data reads a Parquet file in one task and would make it one block, decoded by one task (CIFAR-10
+    is one 48 MB shard): the reader cuts it into blocks of about ROWS_PER_BLOCK rows instead."""
+    from raytrain_ssl.data import stream
+
+    splits = materialize_builtin("builtin:digits", tmp_path)
+    one = tmp_path / "one"
+    one.mkdir()
+    table = pa.concat_tables(pq.read_table(f) for f in sorted(splits["train"].glob("*.parquet")))
+    pq.write_table(table, one / "shard-00000.parquet")
+    monkeypatch.setattr(stream, "ROWS_PER_BLOCK", 200)
+    assert stream.read_blocks([str(one / "shard-00000.parquet")], table.num_rows) == 8  # 1437 rows
+    assert stream.read_blocks([f"f{i}" for i in range(20)], table.num_rows) == 20  # never fewer than files
+    ds = stream.pretrain_dataset(str(one), ViewSpec(16), shuffle_seed=0, batch_size=64, concurrency=2)
+    out = ds.materialize()
+    assert out.count() == table.num_rows and out.num_blocks() >= 8
+    keys = np.concatenate([b["key"] for b in out.iter_batches(batch_format="numpy")])
+    assert len(set(keys.tolist())) == table.num_rows  # every image once

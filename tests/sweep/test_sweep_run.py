@@ -52,6 +52,7 @@ def tiny_sweep(ray_local, tmp_path_factory):
     given = {GIVEN: str(_untrained_pretraining_run(storage / "given" / GIVEN, GIVEN))}
     sweep = load_sweep(TINY, [f"storage_path={storage}", "name=tiny", f"pretrained={json.dumps(given)}", *FEW_STEPS])
     root = storage / "tiny"
+    groups_before = set(ray_local.util.placement_group_table())
     start = time.monotonic()
     with _interrupt_when(lambda: _trial_files(root, "finetune")):
         with pytest.raises(SweepInterrupted, match="--resume"):
@@ -60,7 +61,20 @@ def tiny_sweep(ray_local, tmp_path_factory):
     checkpoints = {key: _checkpoints(root / "finetune" / key) for key in cut["finetune"]}
     summary = run_sweep(sweep, resume=True)
     print(f"tiny sweep, interrupted and resumed: {time.monotonic() - start:.1f} s")
-    return sweep, Path(summary["sweep_dir"]), summary["rows"], cut, checkpoints
+    held = _groups_still_held(ray_local, groups_before)
+    return sweep, Path(summary["sweep_dir"]), summary["rows"], cut, checkpoints, held
+
+
+def _groups_still_held(ray, before: set, wait_s: float = 30.0) -> list[str]:
+    """Placement groups made during the sweep that still hold resources once it is over (after giving
+    Ray Train's cleaner time to remove those of stopped trials)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        table = ray.util.placement_group_table()
+        held = [pg for pg, info in table.items() if pg not in before and info["state"] != "REMOVED"]
+        if not held or time.monotonic() > deadline:
+            return held
+        time.sleep(1)
 
 
 def _untrained_pretraining_run(run_dir: Path, model: str) -> Path:
@@ -111,7 +125,7 @@ def _checkpoints(run_dir: Path) -> list[str]:
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tiny_sweep):
-    _, root, rows, cut, checkpoints = tiny_sweep
+    _, root, rows, cut, checkpoints, held = tiny_sweep
     # 4 fine-tuning trials run at once and end within seconds of each other: by the time Tune acts on the
     # signal, 1 to 4 of them have finished; the rest (if any) are run again from their checkpoints.
     assert len(cut["pretrain"]) == 1 and 1 <= len(cut["finetune"]) <= 4 and not cut["distill"]
@@ -120,10 +134,11 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tiny_swe
         assert _checkpoints(root / "finetune" / key) == checkpoints[key]
     assert _trial_files(root, "pretrain") == cut["pretrain"]
     assert len(_trial_files(root, "finetune")) == 4 and len(_trial_files(root, "distill")) == 4
+    assert not held, f"placement groups of stopped trials still hold resources: {held}"
 
 
 def test_every_trial_ran_and_chained_to_its_source(tiny_sweep):
-    sweep, root, rows, _, _ = tiny_sweep
+    sweep, root, rows, *_ = tiny_sweep
     by_phase = {phase: [r for r in rows if r["phase"] == phase] for phase in ("pretrain", "finetune", "distill")}
     assert [len(by_phase[p]) for p in ("pretrain", "finetune", "distill")] == [2, 4, 4]
     assert all(r["status"] == "done" for r in rows if r["phase"] != "pretrain"), [r["status"] for r in rows]
@@ -157,7 +172,7 @@ def _ids(path: Path) -> list[str]:
 def test_table_plot_and_tensorboard(tiny_sweep):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, root, rows, _, _ = tiny_sweep
+    _, root, rows, *_ = tiny_sweep
     table = (root / "results.csv").read_text().splitlines()
     assert len(table) == 1 + 10 and table[0].startswith("phase,method,model,params_m,label_fraction")
     assert "| distilled | r18_0.125x_sk0 |" in (root / "results.md").read_text()
@@ -183,7 +198,7 @@ def test_only_the_best_student_and_teacher_get_a_program_and_export_writes_any_o
     from raytrain_ssl.cli import main
     from raytrain_ssl.sweep.runner import best_row
 
-    _, _, rows, _, _ = tiny_sweep
+    _, _, rows, *_ = tiny_sweep
     best = {best_row(rows, m, "max")["run_dir"] for m in ("distilled", "fine-tuned")}
     for r in (r for r in rows if r["phase"] != "pretrain"):
         export = Path(r["run_dir"]) / "export"
