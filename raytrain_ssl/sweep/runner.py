@@ -130,6 +130,21 @@ def connect(sweep: SweepConfig) -> None:
     at_once = trial.model_copy(update={"num_workers": trial.num_workers * sweep.max_concurrent_trials})
     launch.connect(at_once)
     launch.check_resources(trial)  # one trial must fit, or nothing ever runs
+    warn_without_state_api()
+
+
+def warn_without_state_api() -> None:
+    """Ray Train frees the workers of a trial that Tune stops (ASHA, Ctrl+C) once its placement-group
+    cleaner sees, through the dashboard's State API, that the run's controller is gone. Without the API
+    those CPUs/GPUs stay taken, and later trials can wait on them for ever (seen in this project's tests)."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=10)
+    except Exception as exc:  # the State API raises its own and connection errors alike
+        log.warning("Ray's State API (its dashboard) is not reachable (%s): trials stopped early or interrupted "
+                    "will keep their workers' resources; start Ray with its dashboard (ray[default])",
+                    type(exc).__name__)  # fmt: skip
 
 
 def concurrency(sweep: SweepConfig) -> int:

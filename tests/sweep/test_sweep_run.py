@@ -219,8 +219,9 @@ def test_more_concurrent_trials_than_fit_queue_instead_of_failing(ray_local, cap
     from raytrain_ssl.sweep.runner import concurrency, connect
 
     sweep = load_sweep(TINY, ["trial.num_workers=2", "max_concurrent_trials=5"])
-    connect(sweep)  # attaches to the running Ray; one trial fits
     with caplog.at_level("WARNING", logger="raytrain_ssl.sweep"):
+        connect(sweep)  # attaches to the running Ray; one trial fits
+        assert "State API" not in caplog.text  # the dashboard is up: stopped trials give their CPUs back
         assert concurrency(sweep) == 1
     assert "running 1 at a time, the rest queue" in caplog.text
     assert concurrency(load_sweep(TINY, ["trial.num_workers=1", "max_concurrent_trials=2"])) == 2
