@@ -58,7 +58,12 @@ def count_rows(path: str) -> int:
         fs, base = pyarrow.fs.FileSystem.from_uri(path)
         dataset = pq.ParquetDataset(base, filesystem=fs)
         return sum(frag.metadata.num_rows for frag in dataset.fragments)
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(path))
+    return rows_in(parquet_files(path))
+
+
+def rows_in(files: list[str]) -> int:
+    """Rows in local shard files, from their Parquet footers."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def has_labels(path: str) -> bool:
@@ -99,7 +104,7 @@ def read_shards(path: str, columns: list[str], shuffle_seed: int | None):
     ds = ray.data.read_parquet(
         files if "://" not in path else path,
         shuffle=shuffle,
-        override_num_blocks=read_blocks(files, count_rows(path)) if "://" not in path else None,
+        override_num_blocks=read_blocks(files, rows_in(files)) if "://" not in path else None,
     )
     return ds.select_columns(columns)
 

@@ -287,15 +287,11 @@ def next_chain(sweep: SweepConfig, phase: str, rows: list[dict]) -> dict:
     done = [r for r in rows if r["status"] == "done"]
     if phase == "pretrain":
         return {r["key"]: _chain_entry(r, r["run_dir"]) for r in done}
-    best: dict[tuple, dict] = {}
-    sign = 1 if sweep.mode == "max" else -1
+    groups: dict[tuple, list[dict]] = {}
     for r in done:
-        if r["method"] != "fine-tuned" or r.get("top1") is None:
-            continue
-        group = (r["source"], r["label_fraction"])
-        if group not in best or sign * r["top1"] > sign * best[group]["top1"]:
-            best[group] = r
-    return {r["key"]: _chain_entry(r, r["run_dir"]) for r in best.values()}
+        groups.setdefault((r["source"], r["label_fraction"]), []).append(r)
+    best = (best_row(group, "fine-tuned", sweep.mode) for group in groups.values())
+    return {r["key"]: _chain_entry(r, r["run_dir"]) for r in best if r is not None}
 
 
 # ---------------------------------------------------------------- the command
@@ -350,6 +346,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False) -> dict:
 
 
 def best_row(rows: list[dict], method: str, mode: str) -> dict | None:
+    """The finished row of `method` with the best top-1 (the first of equals), or None."""
     done = [r for r in rows if r["method"] == method and r["status"] == "done" and r.get("top1") is not None]
     if not done:
         return None
@@ -361,6 +358,7 @@ def export_best(sweep: SweepConfig, rows: list[dict]) -> dict[str, str]:
     (trials skip it: torch.export's compiler costs more than a tiny trial; see export.py). Returns
     method -> model.pt2 path."""
     from raytrain_ssl.export import export_finished_run
+    from raytrain_ssl.launch import RESULT_FILE
 
     if sweep.export_programs != "best":
         return {}
@@ -369,8 +367,9 @@ def export_best(sweep: SweepConfig, rows: list[dict]) -> dict[str, str]:
         best = best_row(rows, method, sweep.mode)
         if best is None:
             continue
-        files = json.loads((Path(best["run_dir"]) / "result.json").read_text()).get("export", {})
-        if not Path(files.get("program", "")).is_file():  # a resumed sweep may have written it already
+        files = json.loads((Path(best["run_dir"]) / RESULT_FILE).read_text()).get("export", {})
+        program = files.get("program")
+        if not (program and Path(program).is_file()):  # a resumed sweep may have written it already
             files = export_finished_run(best["run_dir"])["export"]
         exported[method] = files["program"]
         log.info("sweep: best %s %s (top-1 %.2f%%), deployable: %s", method, best["key"], 100 * best["top1"],
